@@ -1,0 +1,1 @@
+"""Click commands of the `pssr` console script (installed as `pssr_cli`)."""

@@ -1,0 +1,11 @@
+"""The `pssr` command group: each subcommand parses options, calls one pipeline, prints."""
+
+import click
+
+from pssr import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pssr")
+def cli():
+    """pssr: purify images against adversarial attacks (Pixel Surgery + Semantic Regeneration)."""

@@ -1,0 +1,240 @@
+// CPU kernels of the pssr ops: one thread per image (at::parallel_for over the batch), the
+// image's scores kept in a thread-local row that stays in L1/L2 between the two passes.
+//   pass 1  read grad once -> scores (+ the float64 sum of the finite ones, or the radix select)
+//   pass 2  scores -> mask row; read x once -> write x_surgered and the mask once
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../surgery_math.h"
+
+namespace pssr {
+namespace {
+
+// GCC/Clang on x86-64 compile the hot loops once per ISA and pick one at load time, so that a
+// portable build still runs AVX2/AVX-512 code (no -march=native).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PSSR_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PSSR_CPU_CLONES
+#endif
+
+// ---- pass 1: scores ---------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int kC, Reduce kReduce>
+void score_row_impl(const scalar_t* g, int64_t hw, int channels, acc_t* out) {
+  const int C = kC > 0 ? kC : channels;
+  for (int64_t p = 0; p < hw; ++p) {
+    PixelScore<acc_t> ps;
+    for (int c = 0; c < C; ++c) ps.add(static_cast<acc_t>(g[c * hw + p]));
+    out[p] = ps.finish(kReduce);
+  }
+}
+
+// The common cases get their own (vectorizable) instantiations; other C take the generic loop.
+template <typename scalar_t, typename acc_t, Reduce kReduce>
+PSSR_CPU_CLONES void score_row_reduce(const scalar_t* g, int64_t hw, int channels, acc_t* out) {
+  switch (channels) {
+    case 1: return score_row_impl<scalar_t, acc_t, 1, kReduce>(g, hw, channels, out);
+    case 3: return score_row_impl<scalar_t, acc_t, 3, kReduce>(g, hw, channels, out);
+    default: return score_row_impl<scalar_t, acc_t, 0, kReduce>(g, hw, channels, out);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void score_row(const scalar_t* g, int64_t hw, int channels, Reduce reduce, acc_t* out) {
+  if (reduce == Reduce::Max) {
+    score_row_reduce<scalar_t, acc_t, Reduce::Max>(g, hw, channels, out);
+  } else {
+    score_row_reduce<scalar_t, acc_t, Reduce::Sum>(g, hw, channels, out);
+  }
+}
+
+// Float64 sum and count of the finite scores. Eight independent accumulators let the compiler
+// vectorize; the order does not change the mask because tau is compared in float64 (§9).
+template <typename acc_t>
+PSSR_CPU_CLONES void finite_sum(const acc_t* s, int64_t n, double* sum_out, int64_t* count_out) {
+  constexpr int L = 8;
+  double acc[L] = {};
+  int64_t cnt[L] = {};
+  int64_t p = 0;
+  for (; p + L <= n; p += L) {
+    for (int j = 0; j < L; ++j) {
+      const bool finite = is_finite_score(s[p + j]);
+      acc[j] += finite ? static_cast<double>(s[p + j]) : 0.0;
+      cnt[j] += finite;
+    }
+  }
+  for (; p < n; ++p) {
+    const bool finite = is_finite_score(s[p]);
+    acc[0] += finite ? static_cast<double>(s[p]) : 0.0;
+    cnt[0] += finite;
+  }
+  double sum = 0.0;
+  int64_t count = 0;
+  for (int j = 0; j < L; ++j) {
+    sum += acc[j];
+    count += cnt[j];
+  }
+  *sum_out = sum;
+  *count_out = count;
+}
+
+// ---- pass 2: masks ----------------------------------------------------------------------
+
+template <typename acc_t>
+PSSR_CPU_CLONES void mean_mask_row(const acc_t* s, int64_t n, acc_t threshold, bool* mask) {
+  for (int64_t p = 0; p < n; ++p) mask[p] = s[p] > threshold;
+}
+
+// The k-th largest key by the shared radix select: pass 0 histograms the whole row, later
+// passes only the candidates that still match the prefix (gathered into `cand`).
+template <typename acc_t>
+RadixState<acc_t> topk_select(const acc_t* s, int64_t n, int64_t k,
+                              std::vector<typename ScoreBits<acc_t>::type>& cand,
+                              std::vector<int64_t>& hist) {
+  using bits_t = typename ScoreBits<acc_t>::type;
+  RadixState<acc_t> st;
+  st.need = k;
+  cand.resize(static_cast<size_t>(n));
+  for (int64_t p = 0; p < n; ++p) cand[p] = to_bits(s[p]);
+  int64_t m = n;
+  for (int pass = 0; pass < radix_passes<acc_t>(); ++pass) {
+    const int bins = 1 << radix_width<acc_t>(pass);
+    std::fill(hist.begin(), hist.begin() + bins, int64_t(0));
+    for (int64_t i = 0; i < m; ++i) hist[st.digit(cand[i], pass)] += 1;
+    int64_t above = 0;
+    int d = bins - 1;
+    while (above + hist[d] < st.need) above += hist[d--];  // need >= 1 keeps d >= 0
+    st.take_digit(pass, d, above);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const bits_t key = cand[i];
+      if (st.digit(key, pass) == d) cand[kept++] = key;
+    }
+    m = kept;
+  }
+  return st;
+}
+
+template <typename acc_t>
+void topk_mask_row(const acc_t* s, int64_t n, int64_t k, bool* mask,
+                   std::vector<typename ScoreBits<acc_t>::type>& cand, std::vector<int64_t>& hist) {
+  if (k == 0) {
+    std::fill(mask, mask + n, false);
+    return;
+  }
+  const RadixState<acc_t> st = topk_select(s, n, k, cand, hist);
+  int64_t equal_seen = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    const auto key = to_bits(s[p]);
+    mask[p] = topk_removes(key, st.prefix, equal_seen, st.need);
+    equal_seen += key == st.prefix;
+  }
+}
+
+// ---- pass 2: surgery --------------------------------------------------------------------
+
+template <typename scalar_t, int kC>
+void blend_row_impl(const scalar_t* x, const bool* mask, scalar_t fill, int64_t hw, int channels,
+                    scalar_t* out) {
+  const int C = kC > 0 ? kC : channels;
+  for (int c = 0; c < C; ++c) {
+    const scalar_t* xc = x + c * hw;
+    scalar_t* oc = out + c * hw;
+    for (int64_t p = 0; p < hw; ++p) oc[p] = mask[p] ? fill : xc[p];
+  }
+}
+
+template <typename scalar_t>
+PSSR_CPU_CLONES void blend_row(const scalar_t* x, const bool* mask, scalar_t fill, int64_t hw,
+                               int channels, scalar_t* out) {
+  blend_row_impl<scalar_t, 0>(x, mask, fill, hw, channels, out);
+}
+
+// ---- ops --------------------------------------------------------------------------------
+
+at::Tensor saliency_score_cpu(const at::Tensor& grad_in, c10::string_view reduce_name) {
+  check_image_batch("grad", grad_in);
+  const Reduce reduce = parse_reduce(reduce_name);
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t B = grad.size(0), C = grad.size(1), H = grad.size(2), W = grad.size(3);
+  const at::ScalarType score_type = at::toOpMathType(grad.scalar_type());
+  at::Tensor score = at::empty({B, H, W}, grad.options().dtype(score_type));
+  if (score.numel() == 0) return score;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pssr_saliency_score", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    acc_t* s = score.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        score_row(g + b * C * H * W, H * W, static_cast<int>(C), reduce, s + b * H * W);
+      }
+    });
+  });
+  return score;
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_surgery_cpu(const at::Tensor& x_in, const at::Tensor& grad_in,
+                                                     double alpha, int64_t k, double fill,
+                                                     c10::string_view mode_name,
+                                                     c10::string_view reduce_name) {
+  check_surgery_args(x_in, grad_in, alpha, k, fill);
+  const Mode mode = parse_mode(mode_name);
+  const Reduce reduce = parse_reduce(reduce_name);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor mask = at::empty({B, 1, H, W}, x.options().dtype(at::kBool));
+  if (x.numel() == 0) {
+    mask.fill_(false);  // C == 0 still has pixels: nothing to remove
+    return {out, mask};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pssr_pixel_surgery", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using bits_t = typename ScoreBits<acc_t>::type;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    bool* mp = mask.mutable_data_ptr<bool>();
+    const scalar_t fill_v = static_cast<scalar_t>(fill);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> scores(static_cast<size_t>(HW));
+      std::vector<bits_t> cand;
+      std::vector<int64_t> hist(mode == Mode::TopK ? kRadixBins : 0);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t off = b * C * HW;
+        bool* mrow = mp + b * HW;
+        score_row(gp + off, HW, static_cast<int>(C), reduce, scores.data());
+        if (mode == Mode::Mean) {
+          double sum = 0.0;
+          int64_t count = 0;
+          finite_sum(scores.data(), HW, &sum, &count);
+          const double tau = mean_threshold(sum, count, alpha);
+          mean_mask_row(scores.data(), HW, threshold_in_score_type<acc_t>(tau), mrow);
+        } else {
+          topk_mask_row(scores.data(), HW, k, mrow, cand, hist);
+        }
+        blend_row(xp + off, mrow, fill_v, HW, static_cast<int>(C), op + off);
+      }
+    });
+  });
+  return {out, mask};
+}
+
+}  // namespace
+}  // namespace pssr
+
+TORCH_LIBRARY_IMPL(pssr, CPU, m) {
+  m.impl("saliency_score", &pssr::saliency_score_cpu);
+  m.impl("pixel_surgery", &pssr::pixel_surgery_cpu);
+}
