@@ -41,7 +41,7 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
 
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17"]
+    cxx = list(opt)  # cpp_extension adds the C++ standard the installed torch needs
     if "OpenMP" in torch.__config__.parallel_info():
         # at::parallel_for is inlined from headers and runs serially without OpenMP.
         cxx += ["-fopenmp"]
@@ -56,7 +56,7 @@ def extensions():
     )
     if with_cuda:
         kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["extra_compile_args"]["nvcc"] = opt + ["-std=c++17", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = opt + ["-lineinfo"]
         ext = CUDAExtension(**kwargs)
     else:
         ext = CppExtension(**kwargs)

@@ -4,8 +4,13 @@ import click
 
 from pssr import __version__
 
+from .bench_kernels import bench_kernels
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pssr")
 def cli():
     """pssr: purify images against adversarial attacks (Pixel Surgery + Semantic Regeneration)."""
+
+
+cli.add_command(bench_kernels)

@@ -58,35 +58,59 @@ void score_row(const scalar_t* g, int64_t hw, int channels, Reduce reduce, acc_t
   }
 }
 
-// Float64 sum and count of the finite scores. Eight independent accumulators let the compiler
-// vectorize; the order does not change the mask because tau is compared in float64 (§9).
+// Float64 sum and count of the finite scores. Any order is allowed (tau is compared in float64,
+// §9), so the float32 case splits the sum over vector lanes.
+template <typename acc_t>
+inline void add_finite_scalar(const acc_t* s, int64_t n, double& sum, int64_t& count) {
+  for (int64_t p = 0; p < n; ++p) {
+    const bool finite = is_finite_score(s[p]);
+    sum += finite ? static_cast<double>(s[p]) : 0.0;
+    count += finite;
+  }
+}
+
 template <typename acc_t>
 PSSR_CPU_CLONES void finite_sum(const acc_t* s, int64_t n, double* sum_out, int64_t* count_out) {
-  constexpr int L = 8;
-  double acc[L] = {};
-  int64_t cnt[L] = {};
-  int64_t p = 0;
-  for (; p + L <= n; p += L) {
-    for (int j = 0; j < L; ++j) {
-      const bool finite = is_finite_score(s[p + j]);
-      acc[j] += finite ? static_cast<double>(s[p + j]) : 0.0;
-      cnt[j] += finite;
-    }
-  }
-  for (; p < n; ++p) {
-    const bool finite = is_finite_score(s[p]);
-    acc[0] += finite ? static_cast<double>(s[p]) : 0.0;
-    cnt[0] += finite;
-  }
   double sum = 0.0;
   int64_t count = 0;
-  for (int j = 0; j < L; ++j) {
-    sum += acc[j];
-    count += cnt[j];
-  }
+  add_finite_scalar(s, n, sum, count);
   *sum_out = sum;
   *count_out = count;
 }
+
+#if defined(__GNUC__)
+// float32 scores, the hot case: 8 scores per step, widened into two 4 x float64 accumulators and
+// masked by a compare of the bits (GCC/Clang vector extensions; each target clone gets its ISA).
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef int64_t i64x4 __attribute__((vector_size(32)));
+
+template <>
+PSSR_CPU_CLONES void finite_sum<float>(const float* s, int64_t n, double* sum_out, int64_t* count_out) {
+  const int32_t inf = static_cast<int32_t>(ScoreBits<float>::kInf);  // scores are >= 0: signed compare is fine
+  const i32x4 inf_bits = {inf, inf, inf, inf};
+  f64x4 acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
+  i32x4 finite_lanes = {0, 0, 0, 0};  // -1 per finite score
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8) {
+    f32x4 a, b;
+    memcpy(&a, s + p, sizeof(a));
+    memcpy(&b, s + p + 4, sizeof(b));
+    const i32x4 fa = (i32x4)a < inf_bits;
+    const i32x4 fb = (i32x4)b < inf_bits;
+    acc0 += (f64x4)((i64x4)__builtin_convertvector(a, f64x4) & __builtin_convertvector(fa, i64x4));
+    acc1 += (f64x4)((i64x4)__builtin_convertvector(b, f64x4) & __builtin_convertvector(fb, i64x4));
+    finite_lanes += fa + fb;
+  }
+  const f64x4 acc = acc0 + acc1;
+  double sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  int64_t count = -(int64_t(finite_lanes[0]) + finite_lanes[1] + finite_lanes[2] + finite_lanes[3]);
+  add_finite_scalar(s + p, n - p, sum, count);
+  *sum_out = sum;
+  *count_out = count;
+}
+#endif
 
 // ---- pass 2: masks ----------------------------------------------------------------------
 
@@ -143,21 +167,22 @@ void topk_mask_row(const acc_t* s, int64_t n, int64_t k, bool* mask,
 
 // ---- pass 2: surgery --------------------------------------------------------------------
 
-template <typename scalar_t, int kC>
-void blend_row_impl(const scalar_t* x, const bool* mask, scalar_t fill, int64_t hw, int channels,
-                    scalar_t* out) {
-  const int C = kC > 0 ? kC : channels;
-  for (int c = 0; c < C; ++c) {
+template <typename scalar_t>
+PSSR_CPU_CLONES void blend_row(const scalar_t* __restrict__ x, const bool* __restrict__ mask_row,
+                               scalar_t fill, int64_t hw, int channels, scalar_t* __restrict__ out) {
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(mask_row);
+  for (int c = 0; c < channels; ++c) {
     const scalar_t* xc = x + c * hw;
     scalar_t* oc = out + c * hw;
-    for (int64_t p = 0; p < hw; ++p) oc[p] = mask[p] ? fill : xc[p];
+#pragma omp simd
+    for (int64_t p = 0; p < hw; ++p) oc[p] = mask[p] != 0 ? fill : xc[p];
   }
 }
 
-template <typename scalar_t>
-PSSR_CPU_CLONES void blend_row(const scalar_t* x, const bool* mask, scalar_t fill, int64_t hw,
-                               int channels, scalar_t* out) {
-  blend_row_impl<scalar_t, 0>(x, mask, fill, hw, channels, out);
+// Images per task: small images are batched so that a thread gets ~GRAIN_SIZE elements of work
+// (waking a second thread for a few hundred pixels costs more than it saves).
+int64_t images_per_task(int64_t elements_per_image) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elements_per_image));
 }
 
 // ---- ops --------------------------------------------------------------------------------
@@ -174,7 +199,7 @@ at::Tensor saliency_score_cpu(const at::Tensor& grad_in, c10::string_view reduce
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     acc_t* s = score.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, images_per_task(C * H * W), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         score_row(g + b * C * H * W, H * W, static_cast<int>(C), reduce, s + b * H * W);
       }
@@ -207,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_surgery_cpu(const at::Tensor& x_in, con
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     bool* mp = mask.mutable_data_ptr<bool>();
     const scalar_t fill_v = static_cast<scalar_t>(fill);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, images_per_task(C * HW), [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> scores(static_cast<size_t>(HW));
       std::vector<bits_t> cand;
       std::vector<int64_t> hist(mode == Mode::TopK ? kRadixBins : 0);
