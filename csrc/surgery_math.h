@@ -105,30 +105,43 @@ PSSR_HD acc_t threshold_in_score_type(double tau) {
 // --- topk: a most-significant-digit-first radix select on the score bits -----------------
 // A pass looks at bits [lo, hi) of the keys whose higher bits equal the prefix found so far.
 
-constexpr int kRadixBits = 11;
+constexpr int kRadixBits = 11;  // digit width on the GPU and for large images on the CPU
 constexpr int kRadixBins = 1 << kRadixBits;
 
-template <typename acc_t>
+template <typename acc_t, int kBits = kRadixBits>
 PSSR_HD int radix_passes() {
-  return (8 * static_cast<int>(sizeof(acc_t)) + kRadixBits - 1) / kRadixBits;
+  return (8 * static_cast<int>(sizeof(acc_t)) + kBits - 1) / kBits;
 }
 
 // Low bit of pass p (pass 0 holds the most significant bits).
-template <typename acc_t>
+template <typename acc_t, int kBits = kRadixBits>
 PSSR_HD int radix_lo(int pass) {
-  const int lo = 8 * static_cast<int>(sizeof(acc_t)) - kRadixBits * (pass + 1);
+  const int lo = 8 * static_cast<int>(sizeof(acc_t)) - kBits * (pass + 1);
   return lo > 0 ? lo : 0;
 }
 
-template <typename acc_t>
+template <typename acc_t, int kBits = kRadixBits>
 PSSR_HD int radix_width(int pass) {
-  const int hi = 8 * static_cast<int>(sizeof(acc_t)) - kRadixBits * pass;
-  return hi - radix_lo<acc_t>(pass);
+  const int hi = 8 * static_cast<int>(sizeof(acc_t)) - kBits * pass;
+  return hi - radix_lo<acc_t, kBits>(pass);
 }
+
+// One pass's digit: bits [lo, lo + width) of the key.
+template <typename acc_t, int kBits = kRadixBits>
+struct RadixPass {
+  using bits_t = typename ScoreBits<acc_t>::type;
+  int lo;
+  bits_t digit_mask;
+
+  PSSR_HD explicit RadixPass(int pass)
+      : lo(radix_lo<acc_t, kBits>(pass)), digit_mask((bits_t(1) << radix_width<acc_t, kBits>(pass)) - 1) {}
+  PSSR_HD int bins() const { return static_cast<int>(digit_mask) + 1; }
+  PSSR_HD int digit(bits_t key) const { return static_cast<int>((key >> lo) & digit_mask); }
+};
 
 // Selection state: after all passes `prefix` is the k-th largest key, `need` how many of the
 // keys equal to it are removed (the lowest flat indices first).
-template <typename acc_t>
+template <typename acc_t, int kBits = kRadixBits>
 struct RadixState {
   using bits_t = typename ScoreBits<acc_t>::type;
   bits_t prefix = 0;
@@ -137,17 +150,11 @@ struct RadixState {
 
   PSSR_HD bool matches(bits_t key) const { return (key & prefix_mask) == prefix; }
 
-  PSSR_HD int digit(bits_t key, int pass) const {
-    return static_cast<int>((key >> radix_lo<acc_t>(pass)) & ((bits_t(1) << radix_width<acc_t>(pass)) - 1));
-  }
-
-  // Given the histogram of this pass's digits over the matching keys and `above` (how many
-  // matching keys have a digit greater than `d`), fixes the digit of the k-th largest key.
-  PSSR_HD void take_digit(int pass, int d, int64_t above) {
-    const int lo = radix_lo<acc_t>(pass);
-    const bits_t field = ((bits_t(1) << radix_width<acc_t>(pass)) - 1) << lo;
-    prefix |= static_cast<bits_t>(d) << lo;
-    prefix_mask |= field;
+  // Given this pass's digit histogram over the matching keys and `above` (how many matching
+  // keys have a digit greater than `d`), fixes the digit of the k-th largest key.
+  PSSR_HD void take_digit(const RadixPass<acc_t, kBits>& pass, int d, int64_t above) {
+    prefix |= static_cast<bits_t>(d) << pass.lo;
+    prefix_mask |= pass.digit_mask << pass.lo;
     need -= above;
   }
 };

@@ -121,32 +121,57 @@ PSSR_CPU_CLONES void mean_mask_row(const acc_t* s, int64_t n, acc_t threshold, b
 
 // The k-th largest key by the shared radix select: pass 0 histograms the whole row, later
 // passes only the candidates that still match the prefix (gathered into `cand`).
-template <typename acc_t>
-RadixState<acc_t> topk_select(const acc_t* s, int64_t n, int64_t k,
-                              std::vector<typename ScoreBits<acc_t>::type>& cand,
-                              std::vector<int64_t>& hist) {
+template <typename acc_t, int kBits>
+RadixState<acc_t, kBits> topk_select(const acc_t* s, int64_t n, int64_t k,
+                                     std::vector<typename ScoreBits<acc_t>::type>& cand,
+                                     std::vector<int64_t>& hist) {
   using bits_t = typename ScoreBits<acc_t>::type;
-  RadixState<acc_t> st;
+  RadixState<acc_t, kBits> st;
   st.need = k;
   cand.resize(static_cast<size_t>(n));
   for (int64_t p = 0; p < n; ++p) cand[p] = to_bits(s[p]);
   int64_t m = n;
-  for (int pass = 0; pass < radix_passes<acc_t>(); ++pass) {
-    const int bins = 1 << radix_width<acc_t>(pass);
-    std::fill(hist.begin(), hist.begin() + bins, int64_t(0));
-    for (int64_t i = 0; i < m; ++i) hist[st.digit(cand[i], pass)] += 1;
+  for (int p = 0; p < radix_passes<acc_t, kBits>(); ++p) {
+    const RadixPass<acc_t, kBits> pass(p);
+    // Four interleaved sub-histograms: scores crowd into a few digits (pass 0 sees mostly the
+    // exponent), and one counter incremented back to back waits on its own store every time.
+    const int bins = pass.bins();
+    std::fill(hist.begin(), hist.begin() + 4 * bins, int64_t(0));
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      for (int j = 0; j < 4; ++j) hist[j * bins + pass.digit(cand[i + j])] += 1;
+    }
+    for (; i < m; ++i) hist[pass.digit(cand[i])] += 1;
+    for (int b = 0; b < bins; ++b) hist[b] += hist[bins + b] + hist[2 * bins + b] + hist[3 * bins + b];
     int64_t above = 0;
-    int d = bins - 1;
+    int d = pass.bins() - 1;
     while (above + hist[d] < st.need) above += hist[d--];  // need >= 1 keeps d >= 0
     st.take_digit(pass, d, above);
     int64_t kept = 0;
-    for (int64_t i = 0; i < m; ++i) {
+    for (int64_t i = 0; i < m; ++i) {  // branch-free compaction: the test is a coin flip
       const bits_t key = cand[i];
-      if (st.digit(key, pass) == d) cand[kept++] = key;
+      cand[kept] = key;
+      kept += pass.digit(key) == d;
     }
     m = kept;
   }
   return st;
+}
+
+// Rows below this many pixels use 8-bit digits: clearing 2048 bins per pass would cost more
+// than the row itself.
+constexpr int64_t kWideDigitMinPixels = 16384;
+
+template <typename acc_t, int kBits>
+void topk_mask_row_with(const acc_t* s, int64_t n, int64_t k, bool* mask,
+                        std::vector<typename ScoreBits<acc_t>::type>& cand, std::vector<int64_t>& hist) {
+  const RadixState<acc_t, kBits> st = topk_select<acc_t, kBits>(s, n, k, cand, hist);
+  int64_t equal_seen = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    const auto key = to_bits(s[p]);
+    mask[p] = topk_removes(key, st.prefix, equal_seen, st.need);
+    equal_seen += key == st.prefix;
+  }
 }
 
 template <typename acc_t>
@@ -154,14 +179,10 @@ void topk_mask_row(const acc_t* s, int64_t n, int64_t k, bool* mask,
                    std::vector<typename ScoreBits<acc_t>::type>& cand, std::vector<int64_t>& hist) {
   if (k == 0) {
     std::fill(mask, mask + n, false);
-    return;
-  }
-  const RadixState<acc_t> st = topk_select(s, n, k, cand, hist);
-  int64_t equal_seen = 0;
-  for (int64_t p = 0; p < n; ++p) {
-    const auto key = to_bits(s[p]);
-    mask[p] = topk_removes(key, st.prefix, equal_seen, st.need);
-    equal_seen += key == st.prefix;
+  } else if (n < kWideDigitMinPixels) {
+    topk_mask_row_with<acc_t, 8>(s, n, k, mask, cand, hist);
+  } else {
+    topk_mask_row_with<acc_t, kRadixBits>(s, n, k, mask, cand, hist);
   }
 }
 
@@ -235,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_surgery_cpu(const at::Tensor& x_in, con
     at::parallel_for(0, B, images_per_task(C * HW), [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> scores(static_cast<size_t>(HW));
       std::vector<bits_t> cand;
-      std::vector<int64_t> hist(mode == Mode::TopK ? kRadixBins : 0);
+      std::vector<int64_t> hist(mode == Mode::TopK ? 4 * kRadixBins : 0);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t off = b * C * HW;
         bool* mrow = mp + b * HW;

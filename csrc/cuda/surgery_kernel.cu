@@ -136,13 +136,14 @@ topk_apply_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ scor
   st.need = k;
   bits_t kth = std::numeric_limits<bits_t>::max();  // k == 0: no key is above or equal to it
   if (k > 0) {
-    for (int pass = 0; pass < radix_passes<acc_t>(); ++pass) {
-      const int bins = 1 << radix_width<acc_t>(pass);
+    for (int p_index = 0; p_index < radix_passes<acc_t>(); ++p_index) {
+      const RadixPass<acc_t> pass(p_index);
+      const int bins = pass.bins();
       for (int i = tid; i < bins; i += kSelectThreads) hist[i] = 0;
       __syncthreads();
       for (int64_t p = tid; p < hw; p += kSelectThreads) {
         const bits_t key = to_bits(s[p]);
-        if (st.matches(key)) atomicAdd(&hist[st.digit(key, pass)], 1u);
+        if (st.matches(key)) atomicAdd(&hist[pass.digit(key)], 1u);
       }
       __syncthreads();
       // Keys above each bin, scanning the bins from the highest digit down.
