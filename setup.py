@@ -77,7 +77,7 @@ setup(
     packages=find_packages(include=["pssr", "pssr.*"]) + ["pssr_cli"],
     package_dir={"pssr_cli": "cli"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "click>=8.1", "numpy", "safetensors", "pyyaml", "tqdm"],
+    install_requires=["torch>=2.6", "click>=8.1", "numpy", "safetensors", "pyyaml", "tqdm", "pillow>=10.1"],
     extras_require={"test": ["pytest>=8", "expecttest", "hypothesis"]},
     entry_points={"console_scripts": ["pssr=pssr_cli.main:cli"]},
     ext_modules=ext_modules,

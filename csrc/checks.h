@@ -28,6 +28,7 @@ inline void check_image_batch(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4, "pssr: ", name, " must have shape (B, C, H, W), got ", t.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "pssr: ", name, " must be floating, got ",
               t.scalar_type());
+  TORCH_CHECK(t.size(1) >= 1, "pssr: ", name, " must have at least one channel, got ", t.sizes());
 }
 
 inline void check_surgery_args(const at::Tensor& x, const at::Tensor& grad, double alpha, int64_t k,

@@ -94,7 +94,11 @@ template <typename acc_t>
 PSSR_HD acc_t threshold_in_score_type(double tau) {
   if (sizeof(acc_t) == sizeof(double)) return static_cast<acc_t>(tau);
   const float max_f = 3.40282346638528859812e+38f;
-  if (!(tau < static_cast<double>(max_f))) return static_cast<acc_t>(max_f);
+  if (!(tau < static_cast<double>(max_f))) {
+    // tau in [FLT_MAX, DBL_MAX]: only +Inf scores are above it. tau = +Inf (alpha * mean
+    // overflowed): nothing is above it, +Inf included, so keep +Inf.
+    return static_cast<acc_t>(tau <= 1.7976931348623157e308 ? max_f : static_cast<float>(tau));
+  }
   float t = static_cast<float>(tau);  // round to nearest
   if (static_cast<double>(t) > tau) {  // rounded up: step one float down (t > 0 here)
     t = from_bits<float>(to_bits<float>(t) - 1u);

@@ -134,11 +134,27 @@ def test_noncontiguous_and_channels_last_inputs(device):
 
 
 def test_empty_batches(device):
-    for shape in [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 5)]:
+    for shape in [(0, 3, 4, 4), (2, 3, 0, 5)]:
         x = torch.rand(shape, device=device)
         for mode in ("mean", "topk"):
             x_s, m = ops.pixel_surgery(x, x, mode=mode)
-            assert x_s.shape == shape and m.shape == (shape[0], 1, *shape[2:]) and not m.any()
+            assert x_s.shape == shape and m.shape == (shape[0], 1, *shape[2:])
+    no_channels = torch.rand(2, 0, 4, 4, device=device)
+    with pytest.raises(ValueError, match="at least one channel"):
+        ops.pixel_surgery(no_channels, no_channels)
+    with pytest.raises(RuntimeError, match="at least one channel"):
+        torch.ops.pssr.saliency_score(no_channels, "max")
+
+
+def test_threshold_overflow_to_infinity(device):
+    # alpha * mean overflows float64: tau = +Inf and nothing is strictly above it, +Inf included
+    grad = torch.tensor([100.0, math.inf, 1.0, 3.0]).reshape(1, 1, 1, 4)
+    for dtype in float_dtypes(device):
+        g = grad.to(device=device, dtype=dtype)
+        assert not assert_matches_reference(torch.ones_like(g), g, alpha=1e307).any()
+        # tau finite but above float32's largest value: only the +Inf pixel goes
+        m = assert_matches_reference(torch.ones_like(g), g, alpha=3.0e38 / 26.0)
+        assert m.flatten().tolist() == [False, True, False, False]
 
 
 @pytest.mark.parametrize("reduce", ["max", "sum"])

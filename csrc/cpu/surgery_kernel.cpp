@@ -241,10 +241,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_surgery_cpu(const at::Tensor& x_in, con
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor mask = at::empty({B, 1, H, W}, x.options().dtype(at::kBool));
-  if (x.numel() == 0) {
-    mask.fill_(false);  // C == 0 still has pixels: nothing to remove
-    return {out, mask};
-  }
+  if (x.numel() == 0) return {out, mask};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pssr_pixel_surgery", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using bits_t = typename ScoreBits<acc_t>::type;

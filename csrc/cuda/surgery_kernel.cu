@@ -5,7 +5,7 @@
 //                      in mean mode, one (float64 sum, count) partial per block
 //   mean_apply_kernel  grid (chunks, B): tau from the partials (fixed order: deterministic),
 //                      then reads score + x, writes x_surgered and the mask
-//   topk_apply_kernel  one block per image: MSB-first radix select of the k-th score over the
+//   topk_apply_kernel  one 512-thread block per image: MSB-first radix select of the k-th score over the
 //                      image's score map (L2-resident), then the same streaming apply with a
 //                      block-wide scan that ranks equal scores by flat index
 #include <ATen/ATen.h>
@@ -31,7 +31,7 @@ namespace pssr {
 namespace {
 
 constexpr int kThreads = 256;         // streaming kernels
-constexpr int kSelectThreads = 1024;  // topk: one block per image
+constexpr int kSelectThreads = 512;   // topk: one block per image (1024 spilled registers)
 constexpr int kMaxChunks = 64;        // blocks per image in the streaming kernels
 constexpr int kMaxGridY = 65535;
 
@@ -223,13 +223,11 @@ std::tuple<at::Tensor, at::Tensor> pixel_surgery_cuda(const at::Tensor& x_in, co
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  TORCH_CHECK(HW < (int64_t(1) << 31), "pssr: images of more than 2^31 pixels are not supported");
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor mask = at::empty({B, 1, H, W}, x.options().dtype(at::kBool));
-  if (x.numel() == 0) {
-    mask.fill_(false);
-    return {out, mask};
-  }
+  if (x.numel() == 0) return {out, mask};
+  TORCH_CHECK(HW < (int64_t(1) << 31), "pssr: images of more than 2^31 pixels are not supported");
+  TORCH_CHECK(mode == Mode::Mean || B <= std::numeric_limits<int>::max(), "pssr: batch too large for topk");
   const at::ScalarType score_type = at::toOpMathType(x.scalar_type());
   at::Tensor score = at::empty({B, HW}, x.options().dtype(score_type));
   const Launch launch = streaming_launch(B, HW);
@@ -256,7 +254,6 @@ std::tuple<at::Tensor, at::Tensor> pixel_surgery_cuda(const at::Tensor& x_in, co
       score_kernel<scalar_t, acc_t, false><<<launch.grid, kThreads, 0, stream>>>(gp, B, C, HW, reduce, sp, nullptr,
                                                                                   nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      TORCH_CHECK(B <= std::numeric_limits<int>::max(), "pssr: batch too large");
       topk_apply_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B), kSelectThreads, 0, stream>>>(
           xp, sp, k, fill_v, C, HW, op, mp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

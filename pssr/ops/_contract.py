@@ -18,6 +18,8 @@ def _check_image_batch(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(t.shape)}")
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if t.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one channel, got shape {tuple(t.shape)}")
 
 
 def check_score_args(grad: torch.Tensor, reduce: str) -> None:
