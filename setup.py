@@ -76,6 +76,7 @@ setup(
     description="Pixel Surgery and Semantic Regeneration: an adversarial purifier with fused kernels",
     packages=find_packages(include=["pssr", "pssr.*"]) + ["pssr_cli"],
     package_dir={"pssr_cli": "cli"},
+    package_data={"pssr": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "click>=8.1", "numpy", "safetensors", "pyyaml", "tqdm", "pillow>=10.1"],
     extras_require={"test": ["pytest>=8", "expecttest", "hypothesis"]},

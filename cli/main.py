@@ -5,6 +5,7 @@ import click
 from pssr import __version__
 
 from .bench_kernels import bench_kernels
+from .train_classifier import train_classifier_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,3 +15,4 @@ def cli():
 
 
 cli.add_command(bench_kernels)
+cli.add_command(train_classifier_command)

@@ -1,0 +1,146 @@
+"""YAML configs as typed dataclasses: presets shipped with the package, `--set a.b=value` overrides.
+
+Unknown keys and values of the wrong type are rejected with one line naming the key, so a
+typo in a config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A config that cannot be used (one line, naming the key)."""
+
+
+def preset_names(prefix: str) -> list[str]:
+    """Shipped presets named `<prefix>-<name>.yaml` in pssr/configs."""
+    folder = resources.files("pssr") / "configs"
+    names = [p.name for p in folder.iterdir() if p.name.startswith(prefix + "-") and p.name.endswith(".yaml")]
+    return sorted(n[len(prefix) + 1 : -len(".yaml")] for n in names)
+
+
+def read_source(source: str, prefix: str) -> dict:
+    """A preset name (e.g. 'mnist') or a path to a YAML file -> its mapping."""
+    if source in preset_names(prefix):
+        text = (resources.files("pssr") / "configs" / f"{prefix}-{source}.yaml").read_text()
+        where = f"preset {source!r}"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            presets = ", ".join(preset_names(prefix)) or "none"
+            raise ConfigError(f"{source}: no such config file and no such preset (presets: {presets})")
+        text, where = path.read_text(), str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """`a.b=value` pairs onto a nested mapping; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return data
+
+
+def _check_value(value, hint, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (typing.Any,)
+        return tuple(_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data, key: str = ""):
+    """Build dataclass ``cls`` from a mapping, recursively; unknown keys are errors."""
+    where = key or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    kwargs = {name: _check_value(value, hints[name], f"{key}.{name}" if key else name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load(cls, source: str, overrides=(), prefix: str = "classifier"):
+    """Preset or file, then overrides, then typed validation."""
+    return from_dict(cls, apply_overrides(read_source(source, prefix), overrides))
+
+
+def to_dict(obj) -> dict:
+    """The plain mapping of a config (tuples as lists), as YAML and JSON want it."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(i) for i in v]
+        if isinstance(v, dict):
+            return {k: plain(i) for k, i in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(obj))

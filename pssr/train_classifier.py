@@ -1,0 +1,262 @@
+"""The classifier-training pipeline behind `pssr train-classifier`.
+
+Resumable exactly: every random choice (shuffle, crops, flips) is derived from (seed, epoch,
+step) and the learning rate is a function of the step, so a run stopped at any checkpoint and
+resumed with `--resume` ends with the same weights as an uninterrupted run (same threads).
+State is saved atomically as safetensors every `checkpoint_every` steps, at each epoch's end
+and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from . import checkpoint, classifiers, config
+from .data import ImageDataset, load_dataset
+
+STATE_KIND = "classifier-training-state"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"
+    root: str | None = None  # default: --data-root, else $PSSR_DATA_ROOT
+    train_limit: int | None = None  # first N training images (smoke tests, ablations)
+    test_limit: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["lenet", "resnet9", "resnet18"] = "lenet"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.05  # peak of the one-cycle schedule
+    warmup_fraction: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: Literal["none", "crop", "crop-flip"] = "none"
+    seed: int = 0
+    checkpoint_every: int = 200  # steps
+    log_every: int = 20  # steps
+    stop_after_steps: int | None = None  # stop (checkpointed) after this many steps of this run
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError("warmup_fraction must be in [0, 1)")
+        if self.lr <= 0 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("lr, checkpoint_every and log_every must be > 0")
+
+
+@dataclass
+class ClassifierConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class TrainError(Exception):
+    """A run that cannot start or resume (one line)."""
+
+
+def _generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """One-cycle: linear warm-up to the peak, then linear decay to zero."""
+    warm = max(1, int(cfg.warmup_fraction * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def augment(x: torch.Tensor, kind: str, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding) and horizontal flip, per image, from one generator."""
+    if kind == "none":
+        return x
+    B, C, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W))[:, None, None, :]
+    out = padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+    if kind == "crop-flip":
+        flip = torch.rand(B, generator=gen) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: ImageDataset, batch_size: int = 500) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on `data`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(data), batch_size):
+        x = data.images[i : i + batch_size].float().div_(255)
+        y = data.labels[i : i + batch_size]
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+    model.train(was_training)
+    n = max(1, len(data))
+    return correct / n, loss / n
+
+
+def channel_stats(data: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images: the classifier's Normalize layer."""
+    x = data.images.float().div_(255).transpose(0, 1).flatten(1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def _defining(resolved: dict) -> dict:
+    """The config keys that define the training (a resume must match them); run controls excluded."""
+    return {**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "stop_after_steps"}}
+
+
+def _state_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"optim.{i}.momentum_buffer"] = buf
+    return tensors
+
+
+def _restore(model, optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = optimizer.param_groups[0]["params"]
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            optimizer.state[params[int(k.split(".")[1])]]["momentum_buffer"] = v.clone()
+
+
+class Logger:
+    """JSON lines to a file (appended across resumes) and short lines to the terminal."""
+
+    def __init__(self, path: Path, bar: tqdm, quiet: bool):
+        self.path, self.bar, self.quiet = path, bar, quiet
+
+    def __call__(self, record: dict, say: str | None = None) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if say and not self.quiet:
+            self.bar.write(say, file=sys.stderr)
+
+
+def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None, quiet: bool = False) -> dict:
+    """Train; returns the final summary (test accuracy, paths, time). Raises TrainError."""
+    out = Path(out_dir)
+    state_path, final_path, log_path = out / "state.safetensors", out / "classifier.safetensors", out / "log.jsonl"
+    resolved = config.to_dict(cfg)
+    if state_path.exists() and not resume:
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not state_path.exists():
+        raise TrainError(f"--resume: no {state_path} to resume from")
+
+    root = cfg.data.root or data_root or os.environ.get("PSSR_DATA_ROOT")
+    if root is None:
+        raise TrainError("no data root: pass --data-root, set data.root, or set PSSR_DATA_ROOT")
+    train = load_dataset(cfg.data.dataset, root, "train").subset(cfg.data.train_limit)
+    test = load_dataset(cfg.data.dataset, root, "test").subset(cfg.data.test_limit)
+    tc = cfg.train
+    steps_per_epoch = len(train) // tc.batch_size
+    if steps_per_epoch < 1:
+        raise TrainError(f"{len(train)} training images is less than one batch of {tc.batch_size}")
+    total = steps_per_epoch * tc.epochs
+
+    C, H, W = train.image_shape
+    mean, std = channel_stats(train)
+    spec = classifiers.ClassifierSpec(cfg.model.arch, train.num_classes, C, H, mean, std, train.name, train.classes)
+    torch.manual_seed(tc.seed)  # initial weights
+    model = classifiers.build(spec).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True)
+    decay = [p for p in model.parameters() if p.ndim > 1]  # conv/linear weights; not BN or biases
+
+    step = 0
+    if resume:
+        tensors, info = checkpoint.load(state_path, kind=STATE_KIND)
+        if _defining(info["config"]) != _defining(resolved):
+            raise TrainError(f"--resume: {out} was started with another config; use the same --set options")
+        _restore(model, optimizer, tensors)
+        step = int(info["step"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def save_state():
+        checkpoint.save(state_path, _state_tensors(model, optimizer),
+                        {"kind": STATE_KIND, "step": step, "config": resolved})
+
+    started, run_steps = time.time(), 0
+    show = not quiet and sys.stderr.isatty()
+    with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar:
+        log = Logger(log_path, bar, quiet)
+        model.train()
+        try:
+            while step < total:
+                epoch, b = divmod(step, steps_per_epoch)
+                perm = torch.randperm(len(train), generator=_generator(tc.seed, epoch))
+                idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
+                x = train.images[idx].float().div_(255)
+                x = augment(x, tc.augment, _generator(tc.seed, epoch, b, 1)).contiguous(memory_format=torch.channels_last)
+                y = train.labels[idx]
+                lr = lr_at(step, total, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.no_grad():
+                    torch._foreach_add_([p.grad for p in decay], decay, alpha=tc.weight_decay)
+                optimizer.step()
+                step, run_steps = step + 1, run_steps + 1
+                bar.update()
+                if step % tc.log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+                    log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr})
+                if step % steps_per_epoch == 0:
+                    acc, test_loss = evaluate(model, test)
+                    log({"step": step, "epoch": epoch, "test_acc": acc, "test_loss": test_loss},
+                        f"epoch {epoch + 1}/{tc.epochs}: test accuracy {acc:.2%} (loss {test_loss:.3f})")
+                    save_state()
+                elif step % tc.checkpoint_every == 0:
+                    save_state()
+                if tc.stop_after_steps is not None and run_steps >= tc.stop_after_steps and step < total:
+                    save_state()
+                    return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
+        except KeyboardInterrupt:
+            save_state()
+            raise TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume") from None
+
+    acc, test_loss = evaluate(model, test)
+    seconds = time.time() - started
+    spec.extra = {"test_accuracy": acc, "test_images": len(test), "train_images": len(train),
+                  "epochs": tc.epochs, "seed": tc.seed, "train_seconds_this_run": round(seconds, 1)}
+    model = model.to(memory_format=torch.contiguous_format)
+    classifiers.save(final_path, model, spec)
+    summary = {"test_accuracy": acc, "test_loss": test_loss, "test_images": len(test),
+               "checkpoint": str(final_path), "seconds": seconds, "steps": total}
+    log({"final": True, **summary})
+    return summary
