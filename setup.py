@@ -78,7 +78,12 @@ setup(
     package_dir={"pssr_cli": "cli"},
     package_data={"pssr": ["configs/*.yaml"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "click>=8.1", "numpy", "safetensors", "pyyaml", "tqdm", "pillow>=10.1"],
+    # torchattacks 3.5.1 is installed separately with --no-deps (README): its metadata pins
+    # requests~=2.25.1 and torchvision, neither of which it needs for the attacks we use.
+    install_requires=[
+        "torch>=2.6", "click>=8.1", "numpy", "safetensors", "pyyaml", "tqdm", "pillow>=10.1",
+        "scipy", "matplotlib", "adversarial-robustness-toolbox>=1.20,<1.21",
+    ],
     extras_require={"test": ["pytest>=8", "expecttest", "hypothesis"]},
     entry_points={"console_scripts": ["pssr=pssr_cli.main:cli"]},
     ext_modules=ext_modules,
