@@ -5,6 +5,7 @@ import click
 from pssr import __version__
 
 from .bench_kernels import bench_kernels
+from .eval import eval_command
 from .train_classifier import train_classifier_command
 
 
@@ -15,4 +16,5 @@ def cli():
 
 
 cli.add_command(bench_kernels)
+cli.add_command(eval_command)
 cli.add_command(train_classifier_command)

@@ -1,0 +1,70 @@
+"""`pssr eval`: parse options, run the evaluation pipeline, print its report."""
+
+import click
+
+from pssr import evaluate, report
+from pssr.attacks import AttackError
+from pssr.checkpoint import CheckpointError
+from pssr.data import DataError
+from pssr.defenses import DefenseError
+
+
+@click.command("eval")
+@click.option("--classifier", "classifier_path", required=True, type=click.Path(), metavar="PATH",
+              help="Classifier checkpoint (.safetensors, from pssr train-classifier); "
+                   "its data set picks the attack presets.")
+@click.option("--dataset", default=None, help="Test data set (mnist, cifar10, cifar100). Default: the checkpoint's.")
+@click.option("--data-root", type=click.Path(), envvar="PSSR_DATA_ROOT",
+              help="Folder holding the data sets (also $PSSR_DATA_ROOT).")
+@click.option("--defense", "defenses", multiple=True, metavar="SPEC",
+              help="Defense, e.g. jpeg:quality=50 (repeatable). Default: " + ", ".join(evaluate.DEFAULT_DEFENSES) + ".")
+@click.option("--attack", "attacks", multiple=True, metavar="SPEC",
+              help="Attack, e.g. pgd or pgd:eps=0.1,steps=10 (repeatable). Default: the data set's presets.")
+@click.option("--threat", "threats", multiple=True, type=click.Choice(evaluate.THREATS),
+              help="Threat model (repeatable). Default: all.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Test images (the first N) for clean accuracy and the cheap attacks.")
+@click.option("--limit-expensive", type=click.IntRange(min=1), default=200, show_default=True,
+              help="The first M of them for AutoAttack, Square, EOT runs and the tvm defense.")
+@click.option("--eot", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Draws of a randomized defense per gradient in the eot threat model.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds every run (deterministic on the CPU).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
+@click.option("--json", "json_path", type=click.Path(), default=None,
+              help="Also write {config, classifier, records, clean, worst_case, seed} as JSON (atomically).")
+@click.option("--markdown", "markdown_path", type=click.Path(), default=None,
+              help="Also write the report as a markdown file (atomically).")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="Also write a PNG bar chart: accuracy per attack, grouped by defense, worst case included.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
+def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats, limit, limit_expensive, eot,
+                 seed, batch_size, json_path, markdown_path, plot_path, quiet):
+    """Clean and robust accuracy of a classifier behind each defense, under each attack and threat model.
+
+    \b
+    Threat models (every number is tagged with one):
+      oblivious  adversarial examples made on the undefended classifier (once per
+                 attack, reused for every defense), then purified and classified;
+      bpda       the attack sees classifier(defense(x)), with a straight-through
+                 backward through non-differentiable defenses (not run for 'none':
+                 it equals oblivious there);
+      eot        randomized defenses only (tvm), gradient-based attacks only:
+                 gradients averaged over --eot draws of the defense.
+    Per defense, the worst case counts an image as robust only if it is correct
+    clean and survives every attack under every threat model.
+    """
+    config = evaluate.Config(
+        classifier=classifier_path, dataset=dataset, data_root=data_root,
+        defenses=defenses or evaluate.DEFAULT_DEFENSES, attacks=attacks, threats=threats or evaluate.THREATS,
+        limit=limit, limit_expensive=limit_expensive, eot=eot, seed=seed, batch_size=batch_size,
+    )
+    try:
+        result = evaluate.run(config, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
+                              quiet=quiet)
+    except (evaluate.EvalError, AttackError, DefenseError, DataError, CheckpointError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    click.echo(report.format_table(result))
+    if not quiet:
+        for path in (json_path, markdown_path, plot_path):
+            if path:
+                click.echo(f"wrote {path}", err=True)

@@ -1,0 +1,471 @@
+"""The evaluation pipeline behind `pssr eval`: clean and robust accuracy of defended classifiers.
+
+Recipe (DESIGN.md §2.3, §5, §6, §8, §9 "Evaluation"):
+
+1. Load the frozen classifier and the first ``limit`` test images of its data set (the first N,
+   as papers report; the expensive runs use the first ``limit_expensive`` of those N).
+2. For every defense, its clean accuracy: ``classifier(defense.purify(x))``.
+3. For every attack and threat model, the adversarial examples and which of them the defended
+   classifier still gets right, tagged with the threat model:
+
+   ``oblivious``  (transfer) the attack sees the undefended classifier only. Its adversarial
+                  examples are made once per attack and reused for every defense, then purified
+                  and classified. For the defense ``none`` this *is* the white-box attack.
+   ``bpda``       the attack sees ``DefendedModel(classifier, defense)``: the real defense in the
+                  forward pass, the straight-through (BPDA) backward for a non-differentiable one.
+                  Gradient-free attacks query the defended model directly. Not run for ``none``
+                  (it would repeat ``oblivious``).
+   ``eot``        for randomized defenses only, and gradient-based attacks only: the gradient of
+                  the logits averaged over ``eot`` draws of the defense (plus BPDA).
+
+4. Per defense, the per-example worst case: an image counts as robust only if it is classified
+   correctly clean and survives every attack under every threat model that ran on it.
+
+An image counts as robust in a row when the defended classifier gets it right clean *and*
+``attacks.robust_mask`` says it survived (for minimal-norm attacks, CW and DeepFool, that rule also
+accepts a perturbation larger than the preset's ε). So every row's robust accuracy is at most the
+clean accuracy of its defense on the same images.
+
+Sizes: ``limit`` images (default 1000) for clean accuracy and the cheap attacks; the first
+``limit_expensive`` of them (default 200) for AutoAttack, Square, every EOT run and every run of the
+TV-minimisation defense (DESIGN.md §9). Every record states its n; a defense's worst case is taken
+over the first n images that all of its runs saw.
+
+Determinism: every run — an attack on one (defense, threat), or the classification of one defense —
+is seeded from (seed, its names) with ``torch.manual_seed`` (and numpy's generator, which ART's
+random defenses use), so results on the CPU are identical for a given ``seed`` whatever else runs.
+A random defense classifies with one draw from its own fixed seed.
+
+The pipeline returns plain records; ``pssr.report`` formats and writes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import pssr
+from pssr import attacks, classifiers, report
+from pssr.checkpoint import weights_sha256
+from pssr.data import load_dataset
+from pssr.defenses import DefendedModel, Defense, parse_defense
+
+THREATS: tuple[str, ...] = ("oblivious", "bpda", "eot")
+DEFAULT_DEFENSES: tuple[str, ...] = ("none", "jpeg", "bit-depth:bits=4", "bit-depth:bits=1", "median", "tvm")
+# Runs on only the first `limit_expensive` images (DESIGN.md §9): these attacks, these defenses, EOT.
+EXPENSIVE_ATTACKS = frozenset({"autoattack", "square"})
+EXPENSIVE_DEFENSES = frozenset({"tvm"})
+SUBSET_RULE = "first N test images (expensive runs: the first M of them)"
+
+
+class EvalError(Exception):
+    """A bad configuration or a failed run, as one line for the user."""
+
+
+@dataclass
+class Config:
+    """What to evaluate. Empty ``attacks`` means ``attacks.default_attacks(dataset)``."""
+
+    classifier: str
+    dataset: str | None = None  # default: the one named in the classifier checkpoint
+    data_root: str | None = None  # default: $PSSR_DATA_ROOT
+    defenses: tuple[str, ...] = DEFAULT_DEFENSES
+    attacks: tuple[str, ...] = ()
+    threats: tuple[str, ...] = THREATS
+    limit: int = 1000
+    limit_expensive: int = 200
+    eot: int = 8
+    seed: int = 0
+    batch_size: int = 256
+
+
+@dataclass
+class Record:
+    """One (defense, attack, threat) run."""
+
+    defense: str
+    attack: str  # as given (e.g. "pgd" or "pgd:steps=10")
+    attack_label: str  # attacks.AttackSpec.label(): the full settings
+    threat: str
+    n: int
+    robust_accuracy: float
+    mean_linf: float
+    mean_l2: float
+    seconds: float  # oblivious: includes the shared attack run on the undefended classifier
+
+
+@dataclass
+class Clean:
+    defense: str
+    n: int
+    accuracy: float
+
+
+@dataclass
+class WorstCase:
+    defense: str
+    n: int
+    robust_accuracy: float
+    runs: int  # how many (attack, threat) runs the worst case is taken over
+
+
+@dataclass
+class Result:
+    config: dict
+    classifier: dict
+    seed: int
+    records: list[Record] = field(default_factory=list)
+    clean: list[Clean] = field(default_factory=list)
+    worst_case: list[WorstCase] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "config": self.config,
+            "classifier": self.classifier,
+            "records": [dataclasses.asdict(r) for r in self.records],
+            "clean": [dataclasses.asdict(c) for c in self.clean],
+            "worst_case": [dataclasses.asdict(w) for w in self.worst_case],
+            "seed": self.seed,
+            "seconds": self.seconds,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds
+
+
+def run_seed(seed: int, *names: str) -> int:
+    """A seed for one run, from the global seed and the run's names (stable across processes)."""
+    digest = hashlib.sha256("\x1f".join([str(seed), *names]).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """torch's CPU generator and numpy's global one seeded inside, restored afterwards."""
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+
+
+# --------------------------------------------------------------------------------------------
+# Plan
+
+
+@dataclass
+class _Attack:
+    text: str
+    spec: attacks.AttackSpec
+    expensive: bool
+
+
+@dataclass
+class _Defense:
+    name: str
+    defense: Defense
+    expensive: bool
+    identity: bool
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def validate(config: Config) -> Config:
+    """The CLI's checks, for callers of the pipeline; returns the config normalised."""
+    for name in ("limit", "limit_expensive", "eot", "batch_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EvalError(f"{name} must be an integer >= 1, got {value!r}")
+    threats = tuple(dict.fromkeys(config.threats or THREATS))
+    unknown = [t for t in threats if t not in THREATS]
+    if unknown:
+        raise EvalError(f"unknown threat model {unknown[0]!r}; choose from {', '.join(THREATS)}")
+    defenses = tuple(dict.fromkeys(d.strip() for d in (config.defenses or DEFAULT_DEFENSES)))
+    return dataclasses.replace(
+        config, threats=threats, defenses=defenses, attacks=tuple(dict.fromkeys(a.strip() for a in config.attacks))
+    )
+
+
+def _parse_defenses(texts) -> list[_Defense]:
+    out = {}
+    for text in texts:
+        d = parse_defense(text)
+        name = d.describe()
+        out.setdefault(name, _Defense(name, d, d.name in EXPENSIVE_DEFENSES or getattr(d, "expensive", False),
+                                      type(d) is Defense))
+    return list(out.values())
+
+
+def _parse_attacks(texts, preset_dataset: str) -> list[_Attack]:
+    texts = texts or tuple(attacks.default_attacks(preset_dataset))
+    out = {}
+    for text in texts:
+        spec = attacks.parse_attack(text, preset_dataset)
+        out.setdefault(spec, _Attack(text, spec, spec.name in EXPENSIVE_ATTACKS))  # the same attack runs once
+    return list(out.values())
+
+
+def _data_root(config: Config) -> str:
+    root = config.data_root or os.environ.get("PSSR_DATA_ROOT")
+    if not root:
+        raise EvalError("no data root: pass --data-root or set PSSR_DATA_ROOT")
+    return root
+
+
+def _check_compatible(spec: classifiers.ClassifierSpec, data, path) -> None:
+    want = (spec.in_channels, spec.image_size, spec.image_size)
+    if tuple(data.image_shape) != want:
+        have = "x".join(map(str, data.image_shape))
+        raise EvalError(
+            f"{path}: the classifier takes {'x'.join(map(str, want))} images, data set {data.name} has {have}"
+        )
+    if data.num_classes > spec.num_classes:
+        raise EvalError(f"{path}: the classifier has {spec.num_classes} classes, data set {data.name} has "
+                        f"{data.num_classes}")
+
+
+def check_output_path(path: str | None, option: str) -> None:
+    """Fail before a long run, not after it, when an output file cannot be written."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise EvalError(f"{option} {path}: is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    existing = directory
+    while not os.path.isdir(existing):  # report.write_* creates missing folders
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.access(existing, os.W_OK):
+        raise EvalError(f"{option} {path}: folder {existing} is not writable")
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+def _predictor(classifier, defense: Defense, seed: int, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The defended classifier's logits as evaluated: batched, no gradient, one seeded draw."""
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), seeded(seed):
+            return torch.cat([classifier(defense.purify(b)) for b in images.split(batch_size)])
+
+    return predict
+
+
+def _attack(a: _Attack, model, x, y, seed: int, config: Config, what: str, bar) -> tuple[torch.Tensor, float]:
+    """One seeded attack run; (x_adv, seconds). Library errors become one-line EvalErrors."""
+    start = time.perf_counter()
+    n = len(x)
+    try:
+        with seeded(seed):  # numpy too: ART's random defenses draw from it inside the attack
+            x_adv = attacks.run_attack(a.spec, model, x, y, seed=seed, batch_size=config.batch_size,
+                                       progress=lambda done: bar.set_postfix_str(f"{done}/{n} images"))
+    except attacks.AttackError:
+        raise
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        raise EvalError(f"{what} failed: {_first_line(exc)}") from exc
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
+        raise EvalError(f"{what}: the attack returned {got}, expected a tensor of shape {tuple(x.shape)}")
+    return x_adv.detach(), time.perf_counter() - start
+
+
+class _Evaluation:
+    """The state of one evaluation: data, predictors, per-defense clean and worst-case masks."""
+
+    def __init__(self, config: Config, classifier, x, y, defenses: list[_Defense], n: int, m: int, bar):
+        self.config, self.classifier, self.x, self.y = config, classifier, x, y
+        self.defenses, self.n, self.m, self.bar = defenses, n, m, bar
+        self.records: list[Record] = []
+        self.predict = {
+            d.name: _predictor(classifier, d.defense, run_seed(config.seed, d.name, "predict"), config.batch_size)
+            for d in defenses
+        }
+        self.clean_ok: dict[str, torch.Tensor] = {}
+        self.alive: dict[str, torch.Tensor] = {}
+        self.worst_n: dict[str, int] = {}
+        self.runs: dict[str, int] = {}
+
+    def size(self, d: _Defense) -> int:
+        """Images a defense is evaluated on: the first M for an expensive one, else N."""
+        return self.m if d.expensive else self.n
+
+    def clean(self, d: _Defense) -> Clean:
+        n = self.size(d)
+        self.bar.set_description_str(f"clean {d.name}")
+        ok = self.predict[d.name](self.x[:n]).argmax(1) == self.y[:n]
+        self.clean_ok[d.name], self.alive[d.name] = ok, ok.clone()
+        self.worst_n[d.name], self.runs[d.name] = n, 0
+        self.bar.update()
+        return Clean(d.name, n, ok.float().mean().item())
+
+    def score(self, d: _Defense, a: _Attack, threat: str, x_adv: torch.Tensor, seconds: float) -> None:
+        """Classify x_adv (its first n rows) with defense d; record the row, update the worst case."""
+        n = min(len(x_adv), self.size(d))
+        x, y, x_adv = self.x[:n], self.y[:n], x_adv[:n]
+        start = time.perf_counter()
+        try:
+            robust = attacks.robust_mask(a.spec, self.predict[d.name], x, x_adv, y, batch_size=self.config.batch_size)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise EvalError(f"scoring {a.text} on {d.name} ({threat}) failed: {_first_line(exc)}") from exc
+        robust = torch.as_tensor(robust, dtype=torch.bool).reshape(-1)[:n] & self.clean_ok[d.name][:n]
+        linf, l2 = (torch.as_tensor(v, dtype=torch.float64) for v in attacks.perturbation_norms(x, x_adv))
+        self.alive[d.name][:n] &= robust
+        self.worst_n[d.name] = min(self.worst_n[d.name], n)
+        self.runs[d.name] += 1
+        self.records.append(Record(
+            d.name, a.text, a.spec.label(), threat, n, robust.float().mean().item(),
+            linf.mean().item(), l2.mean().item(), seconds + time.perf_counter() - start,
+        ))
+
+    def attack(self, a: _Attack, d: _Defense | None, threat: str) -> tuple[torch.Tensor, float]:
+        """Attack the undefended classifier (d None) or the defended model under a threat model."""
+        name = "none" if d is None else d.name
+        n = self.m if a.expensive or threat == "eot" or (d is not None and d.expensive) else self.n
+        if d is None:
+            model, target = self.classifier, "the undefended classifier"
+        else:
+            eot = self.config.eot if threat == "eot" else 1
+            model, target = DefendedModel(self.classifier, d.defense, eot=eot), f"{d.name} ({threat})"
+        self.bar.set_description_str(f"{a.text} on {target}")
+        seed = run_seed(self.config.seed, name, a.text, threat)
+        x_adv, seconds = _attack(a, model, self.x[:n], self.y[:n], seed, self.config, f"{a.text} on {target}", self.bar)
+        self.bar.set_postfix_str("")
+        return x_adv, seconds
+
+    def worst_case(self, d: _Defense) -> WorstCase:
+        n = self.worst_n[d.name]
+        return WorstCase(d.name, n, self.alive[d.name][:n].float().mean().item(), self.runs[d.name])
+
+
+def plan_size(defenses: list[_Defense], atts: list[_Attack], threats: tuple[str, ...]) -> int:
+    """Progress-bar steps: one per clean evaluation, attack run, and scoring of shared examples."""
+    steps = len(defenses)
+    others = [d for d in defenses if not d.identity]
+    has_none = len(others) < len(defenses)
+    for a in atts:
+        if "oblivious" in threats:
+            steps += 1 + len(others)  # the shared attack (scored on none with it) + scoring per defense
+        elif "bpda" in threats and has_none:
+            steps += 1
+        if "bpda" in threats:
+            steps += len(others)
+        if "eot" in threats and not a.spec.gradient_free:
+            steps += sum(d.defense.randomized for d in others)
+    return steps
+
+
+def _classifier_info(path, spec, model) -> dict:
+    info = dataclasses.asdict(spec)
+    info["mean"], info["std"], info["classes"] = list(spec.mean), list(spec.std), list(spec.classes)
+    return {"path": str(path), "sha256": weights_sha256(model.state_dict()), **info}
+
+
+def run(config: Config, *, json_path: str | None = None, markdown_path: str | None = None,
+        plot_path: str | None = None, quiet: bool = False) -> Result:
+    """The whole evaluation; writes the JSON, markdown and plot last, when asked to."""
+    started = time.perf_counter()
+    config = validate(config)
+    for path, option in ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot")):
+        check_output_path(path, option)
+    classifier, spec = classifiers.load(config.classifier)
+    dataset = (config.dataset or spec.dataset or "").lower()
+    if not dataset:
+        raise EvalError(f"{config.classifier}: the checkpoint names no data set; pass --dataset")
+    preset_dataset = (spec.dataset or dataset).lower()
+    defenses = _parse_defenses(config.defenses)
+    atts = _parse_attacks(config.attacks, preset_dataset)
+    data = load_dataset(dataset, _data_root(config), "test")
+    _check_compatible(spec, data, config.classifier)
+    data = data.subset(config.limit)  # the first N, in data-set order
+    n = len(data)
+    m = min(config.limit_expensive, n)
+    if n == 0:
+        raise EvalError(f"data set {dataset} has no test images")
+    x = data.images.to(torch.float32).div_(255)
+    y = data.labels
+
+    threats = config.threats
+    resolved = {
+        **dataclasses.asdict(config),
+        "dataset": dataset, "preset_dataset": preset_dataset,
+        "defenses": [d.name for d in defenses], "attacks": [a.text for a in atts],
+        "attack_labels": [a.spec.label() for a in atts], "threats": list(threats),
+        "n": n, "n_expensive": m, "subset": SUBSET_RULE,
+        "expensive_attacks": sorted(EXPENSIVE_ATTACKS), "expensive_defenses": sorted(EXPENSIVE_DEFENSES),
+        "torch": torch.__version__, "pssr": pssr.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "device": "cpu",
+    }
+    result = Result(resolved, _classifier_info(config.classifier, spec, classifier), config.seed)
+    show = not quiet and sys.stderr.isatty()
+    total = plan_size(defenses, atts, threats)
+    with tqdm(total=total, disable=not show, file=sys.stderr, unit="run", dynamic_ncols=True) as bar:
+        ev = _Evaluation(config, classifier, x, y, defenses, n, m, bar)
+        result.clean = [ev.clean(d) for d in defenses]
+        for a in atts:
+            _run_attack(ev, a, defenses, threats)
+        bar.set_description_str("done")
+    order_d = {d.name: i for i, d in enumerate(defenses)}
+    order_a = {a.text: i for i, a in enumerate(atts)}
+    result.records = sorted(ev.records, key=lambda r: (order_d[r.defense], order_a[r.attack], THREATS.index(r.threat)))
+    result.worst_case = [ev.worst_case(d) for d in defenses]
+    result.seconds = time.perf_counter() - started
+    try:
+        if json_path:
+            report.write_json(json_path, result)
+        if markdown_path:
+            report.write_markdown(markdown_path, result)
+        if plot_path:
+            report.write_plot(plot_path, result)
+    except OSError as exc:
+        raise EvalError(f"cannot write {exc.filename or 'an output file'}: {exc.strerror or exc}") from exc
+    return result
+
+
+def _run_attack(ev: _Evaluation, a: _Attack, defenses: list[_Defense], threats: tuple[str, ...]) -> None:
+    """Every threat model of one attack, against every defense."""
+    identity = [d for d in defenses if d.identity]
+    others = [d for d in defenses if not d.identity]
+    # The undefended attack: oblivious for every defense; for 'none' it is also its BPDA attack.
+    shared_tag = "oblivious" if "oblivious" in threats else ("bpda" if "bpda" in threats and identity else None)
+    if shared_tag:
+        x_adv, seconds = ev.attack(a, None, shared_tag)
+        for d in identity:
+            ev.score(d, a, shared_tag, x_adv, seconds)
+        ev.bar.update()
+        if shared_tag == "oblivious":
+            for d in others:
+                ev.bar.set_description_str(f"{a.text} transferred to {d.name}")
+                ev.score(d, a, "oblivious", x_adv, seconds)
+                ev.bar.update()
+    for d in others:
+        if "bpda" in threats:
+            x_adv, seconds = ev.attack(a, d, "bpda")
+            ev.score(d, a, "bpda", x_adv, seconds)
+            ev.bar.update()
+        if "eot" in threats and d.defense.randomized and not a.spec.gradient_free:
+            x_adv, seconds = ev.attack(a, d, "eot")
+            ev.score(d, a, "eot", x_adv, seconds)
+            ev.bar.update()

@@ -1,0 +1,199 @@
+"""Reports of `pssr eval`: the terminal table, markdown, JSON and a PNG bar chart.
+
+Every function takes the evaluation as its JSON document (``Result.to_json()``, or the same
+document read back from a ``--json`` file), so a report can be redrawn without rerunning anything.
+Files are written atomically (a temporary file in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import textwrap
+
+from pssr.checkpoint import atomic_write
+
+THREAT_NOTES = {
+    "oblivious": "adversarial examples made on the undefended classifier (made once per attack), then "
+                 "purified and classified (transfer); for 'none' this is the white-box attack",
+    "bpda": "attack on classifier(defense(x)): the real defense forward, straight-through (BPDA) backward "
+            "for non-differentiable defenses; gradient-free attacks query the defended model",
+    "eot": "randomized defenses only: gradients averaged over {eot} draws of the defense (EOT), with BPDA",
+}
+
+
+def _doc(result) -> dict:
+    return result if isinstance(result, dict) else result.to_json()
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _num(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+
+
+def _header(doc: dict) -> list[str]:
+    c, k = doc["config"], doc["classifier"]
+    n, m = c.get("n"), c.get("n_expensive")
+    expensive = ", ".join(["AutoAttack", "Square", "EOT", *c.get("expensive_defenses", [])])
+    return [
+        f"pssr eval · {k.get('arch')} classifier {k.get('path')} (weights sha256 {str(k.get('sha256'))[:12]})",
+        f"data: {c.get('dataset')} test, first {n} images ({expensive}: first {m}) · seed {doc['seed']} · "
+        f"torch {c.get('torch')}, {c.get('threads')} thread(s)",
+    ]
+
+
+def _run_rows(doc: dict) -> list[tuple]:
+    rows = []
+    for r in doc["records"]:
+        rows.append((r["defense"], r["attack_label"], r["threat"], str(r["n"]), _pct(r["robust_accuracy"]),
+                     _num(r["mean_linf"]), _num(r["mean_l2"]), f"{r['seconds']:.1f}"))
+    return rows
+
+
+def _defense_rows(doc: dict) -> list[tuple]:
+    worst = {w["defense"]: w for w in doc["worst_case"]}
+    rows = []
+    for c in doc["clean"]:
+        w = worst.get(c["defense"])
+        rows.append((
+            c["defense"], str(c["n"]), _pct(c["accuracy"]),
+            *((str(w["n"]), _pct(w["robust_accuracy"]), str(w.get("runs", "-"))) if w else ("-", "-", "-")),
+        ))
+    return rows
+
+
+RUN_HEAD = ("defense", "attack", "threat", "n", "robust acc", "mean L∞", "mean L2", "seconds")
+DEFENSE_HEAD = ("defense", "n", "clean acc", "n", "worst case", "runs")
+
+
+def _notes(doc: dict) -> list[str]:
+    threats = doc["config"].get("threats", list(THREAT_NOTES))
+    eot = doc["config"].get("eot", "N")
+    lines = [f"{t}: {THREAT_NOTES[t].format(eot=eot)}" for t in threats if t in THREAT_NOTES]
+    return lines + [
+        "robust acc: correct on the clean image and on its adversarial example (CW, DeepFool: or the attack "
+        "needed a perturbation larger than the preset's eps); seconds: attack + classification (oblivious rows "
+        "include the one shared attack run).",
+        "worst case: an image counts only if it is correct clean and survives every attack under every threat "
+        "model that ran on it; over the first n images, which all of that defense's runs saw.",
+    ]
+
+
+def _table(head: tuple, rows: list[tuple], left: int) -> list[str]:
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    lines = []
+    for row in [head, *rows]:
+        cells = [v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def format_table(result) -> str:
+    """What `pssr eval` prints: header, one row per run, one per defense, and the notes."""
+    doc = _doc(result)
+    lines = _header(doc) + [""]
+    lines += _table(RUN_HEAD, _run_rows(doc), left=3) if doc["records"] else ["(no attack runs)"]
+    lines += [""] + _table(DEFENSE_HEAD, _defense_rows(doc), left=1) + [""] + _notes(doc)
+    return "\n".join(lines)
+
+
+def _md_table(head: tuple, rows: list[tuple], left: int) -> list[str]:
+    def esc(v: str) -> str:
+        return v.replace("|", "\\|")
+
+    align = ["---" if i < left else "---:" for i in range(len(head))]
+    return ["| " + " | ".join(map(esc, row)) + " |" for row in [head, align, *rows]]
+
+
+def format_markdown(result) -> str:
+    """The same report as markdown: header, robust-accuracy table, per-defense table, notes."""
+    doc = _doc(result)
+    lines = ["# pssr eval", ""] + [f"{h}  " for h in _header(doc)] + ["", "## Robust accuracy per attack", ""]
+    lines += _md_table(RUN_HEAD, _run_rows(doc), left=3) if doc["records"] else ["(no attack runs)"]
+    lines += ["", "## Clean accuracy and per-example worst case", ""]
+    lines += _md_table(DEFENSE_HEAD, _defense_rows(doc), left=1)
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in _notes(doc)]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is not
+
+    atomic_write(path, write)
+
+
+def write_json(path, result) -> None:
+    _write(path, (json.dumps(_doc(result), indent=2, allow_nan=False) + "\n").encode())
+
+
+def write_markdown(path, result) -> None:
+    _write(path, format_markdown(result).encode())
+
+
+def plot_data(result) -> tuple[list[str], list[str], dict]:
+    """(defenses, bars, {(defense, bar): robust accuracy}): per attack its strongest threat model
+    (the lowest robust accuracy over threats), then the per-example worst case."""
+    doc = _doc(result)
+    defenses = [c["defense"] for c in doc["clean"]]
+    attacks = list(dict.fromkeys(r["attack_label"] for r in doc["records"]))
+    values: dict = {}
+    for r in doc["records"]:
+        key = (r["defense"], r["attack_label"])
+        values[key] = min(values.get(key, math.inf), r["robust_accuracy"])
+    for c in doc["clean"]:
+        values[(c["defense"], "clean")] = c["accuracy"]
+    for w in doc["worst_case"]:
+        values[(w["defense"], "worst case")] = w["robust_accuracy"]
+    return defenses, ["clean", *attacks, "worst case"], values
+
+
+def _tick(defense: str) -> str:
+    """'tvm:prob=0.3,norm=2' -> 'tvm' over its parameters, wrapped."""
+    name, _, params = defense.partition(":")
+    return name + ("\n" + "\n".join(textwrap.wrap(params.replace(",", ", "), 20)) if params else "")
+
+
+def render_plot(result) -> bytes:
+    """A grouped bar chart (PNG bytes), drawn with matplotlib's Agg canvas (no pyplot, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    doc = _doc(result)
+    defenses, bars, values = plot_data(doc)
+    width = 0.8 / max(1, len(bars))
+    fig = Figure(figsize=(max(6.0, 1.2 + len(defenses) * (0.35 * len(bars) + 0.5)), 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for j, bar in enumerate(bars):
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(defenses))]
+        ys = [100 * values.get((d, bar), math.nan) for d in defenses]
+        style = {}
+        if bar == "clean":
+            style = dict(color="0.8", edgecolor="0.5")
+        elif bar == "worst case":
+            style = dict(color="0.15", hatch="//", edgecolor="white")
+        ax.bar(xs, ys, width, label=bar, **style)
+    ax.set_xticks(range(len(defenses)), [_tick(d) for d in defenses], fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    c = doc["config"]
+    ax.set_title(f"{c.get('dataset')}: robust accuracy per attack (its strongest threat model); "
+                 f"n={c.get('n')} (expensive runs {c.get('n_expensive')}), seed {doc['seed']}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_plot(path, result) -> None:
+    _write(path, render_plot(result))
