@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 import pssr
 import pssr.ops as ops
+from pssr.checkpoint import atomic_write
 from pssr.ops import reference
 from pssr.ops._contract import score_dtype
 from pssr.ops._extension import has_kernel
@@ -268,21 +268,14 @@ def check_json_path(path: str) -> None:
 
 
 def write_json(path: str, result: Result) -> None:
-    """Atomic write (temp file in the same directory, then os.replace): no half-written JSON."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
+    """Atomic write (temp file in the same directory, then rename): no half-written JSON."""
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
             json.dump(result.to_json(), fh, indent=2, allow_nan=False)
             fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def validate(config: Config) -> Config:
