@@ -76,7 +76,7 @@ setup(
     description="Pixel Surgery and Semantic Regeneration: an adversarial purifier with fused kernels",
     packages=find_packages(include=["pssr", "pssr.*"]) + ["pssr_cli"],
     package_dir={"pssr_cli": "cli"},
-    package_data={"pssr": ["configs/*.yaml"]},
+    package_data={"pssr": ["configs/*.yaml", "weights/*.safetensors"]},
     python_requires=">=3.10",
     # torchattacks 3.5.1 is installed separately with --no-deps (README): its metadata pins
     # requests~=2.25.1 and torchvision, neither of which it needs for the attacks we use.
