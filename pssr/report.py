@@ -125,7 +125,6 @@ def _write(path, data: bytes) -> None:
     def write(tmp):
         with open(tmp, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is not
 
     atomic_write(path, write)
 

@@ -66,6 +66,8 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         checkpoint.atomic_write(target, boom)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+    checkpoint.atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o044 == 0o044  # readable, not private
 
 
 def test_config_presets_overrides_and_errors(tmp_path):
