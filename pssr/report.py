@@ -183,13 +183,12 @@ def render_plot(result) -> bytes:
     ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy (%)")
     c = doc["config"]
-    ax.set_title(f"{c.get('dataset')}: robust accuracy per attack (its strongest threat model); "
-                 f"n={c.get('n')} (expensive runs {c.get('n_expensive')}), seed {doc['seed']}", fontsize=10)
+    ax.set_title(f"{c.get('dataset')}: robust accuracy per attack (its strongest threat model)\n"
+                 f"n={c.get('n')} (expensive runs {c.get('n_expensive')}), seed {doc['seed']}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    fig.tight_layout()
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # room for the outside legend and the title
     return buf.getvalue()
 
 
