@@ -24,6 +24,7 @@ from tqdm import tqdm
 import pssr
 import pssr.ops as ops
 from pssr.checkpoint import atomic_write
+from pssr.errors import first_line
 from pssr.ops import reference
 from pssr.ops._contract import score_dtype
 from pssr.ops._extension import has_kernel
@@ -182,12 +183,6 @@ def median_seconds(stmt: str, env: dict, min_run_time: float) -> float:
     """Median of blocked_autorange, with this process's threads (Timer defaults to one)."""
     timer = benchmark.Timer(stmt=stmt, globals=env, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def first_line(exc: BaseException) -> str:
-    """Torch errors span many lines (C++ frames); the user gets the first one."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def call(fn, x: torch.Tensor, grad: torch.Tensor, what: str):

@@ -59,6 +59,7 @@ import pssr
 from pssr import attacks, classifiers, report
 from pssr.checkpoint import weights_sha256
 from pssr.data import load_dataset
+from pssr.errors import first_line
 from pssr.defenses import DefendedModel, Defense, parse_defense
 
 THREATS: tuple[str, ...] = ("oblivious", "bpda", "eot")
@@ -184,11 +185,6 @@ class _Defense:
     identity: bool
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 def validate(config: Config) -> Config:
     """The CLI's checks, for callers of the pipeline; returns the config normalised."""
     for name in ("limit", "limit_expensive", "eot", "batch_size"):
@@ -285,7 +281,7 @@ def _attack(a: _Attack, model, x, y, seed: int, config: Config, what: str, bar) 
     except attacks.AttackError:
         raise
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
-        raise EvalError(f"{what} failed: {_first_line(exc)}") from exc
+        raise EvalError(f"{what} failed: {first_line(exc)}") from exc
     if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
         got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
         raise EvalError(f"{what}: the attack returned {got}, expected a tensor of shape {tuple(x.shape)}")
@@ -329,7 +325,7 @@ class _Evaluation:
         try:
             robust = attacks.robust_mask(a.spec, self.predict[d.name], x, x_adv, y, batch_size=self.config.batch_size)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise EvalError(f"scoring {a.text} on {d.name} ({threat}) failed: {_first_line(exc)}") from exc
+            raise EvalError(f"scoring {a.text} on {d.name} ({threat}) failed: {first_line(exc)}") from exc
         robust = torch.as_tensor(robust, dtype=torch.bool).reshape(-1)[:n] & self.clean_ok[d.name][:n]
         linf, l2 = (torch.as_tensor(v, dtype=torch.float64) for v in attacks.perturbation_norms(x, x_adv))
         self.alive[d.name][:n] &= robust
