@@ -346,7 +346,8 @@ def parse_attack(text: str, dataset: str) -> AttackSpec:
     Values: numbers (``8/255`` and ``1e-3`` accepted), integers, ``true``/``false``, and the
     names of ``norm`` (Linf, L2), ``loss`` and ``version``. For cw and deepfool ``eps`` is the
     robustness radius. When ``eps`` is overridden and ``alpha`` is not, alpha keeps the preset's
-    ratio to eps (pgd, pgd100, pgd-l2); MI-FGSM's alpha is eps/steps unless given.
+    ratio to eps (pgd, pgd100, pgd-l2), and with fewer ``steps`` than the preset it grows so that
+    alpha·steps stays the preset's; MI-FGSM's alpha is eps/steps unless given.
     """
     if not isinstance(text, str) or not text.strip():
         raise AttackError("empty attack; choose one of " + ", ".join(ATTACKS))
@@ -374,6 +375,9 @@ def parse_attack(text: str, dataset: str) -> AttackSpec:
     if "alpha" in params and "alpha" not in given:
         if entry.alpha_rule == "ratio":
             params["alpha"] = params["alpha"] * eps / eps0
+            # fewer steps than the preset: longer steps, so that alpha * steps still covers the
+            # preset's distance (PGD-10 with PGD-40's step could not travel the whole ε-ball)
+            params["alpha"] *= max(1.0, params["steps"] / given.get("steps", params["steps"]))
         elif entry.alpha_rule == "eps/steps":
             params["alpha"] = eps / given.get("steps", params["steps"])
     params.update(given)

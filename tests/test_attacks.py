@@ -125,6 +125,11 @@ def test_parse_overrides():
         "eps": 4 / 255, "alpha": 1 / 255, "steps": 20, "random_start": False}  # fmt: skip
     # alpha keeps its ratio to eps when only eps is given; MI-FGSM's alpha is eps/steps
     assert math.isclose(A.parse_attack("pgd:eps=0.15", "mnist").kwargs["alpha"], 0.005)
+    # fewer steps than the preset: alpha * steps keeps the preset's travel; more steps: same alpha
+    assert math.isclose(A.parse_attack("pgd:steps=10", "mnist").kwargs["alpha"], 0.04)
+    assert A.parse_attack("pgd:steps=40", "mnist") == A.preset("pgd", "mnist")
+    assert math.isclose(A.parse_attack("pgd:steps=100", "mnist").kwargs["alpha"], 0.01)
+    assert math.isclose(A.parse_attack("pgd:steps=10,alpha=0.02", "mnist").kwargs["alpha"], 0.02)
     assert math.isclose(A.parse_attack("mifgsm:steps=5", "mnist").kwargs["alpha"], 0.06)
     assert A.parse_attack("mifgsm:alpha=0.01", "mnist").kwargs["alpha"] == 0.01
     cw = A.parse_attack("cw:eps=1.5,c=2,steps=20", "mnist")
