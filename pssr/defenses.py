@@ -12,6 +12,7 @@ Baselines (DESIGN.md §6) are IBM ART's preprocessors: JPEG compression, feature
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import numpy as np
@@ -29,15 +30,23 @@ class Defense:
     name = "none"
     randomized = False  # True: EOT over the defense's randomness is part of an adaptive attack
     differentiable = True  # False: attacks use the BPDA straight-through rule
+    # The ways an attacker may differentiate the defense (`pssr eval` runs one threat model each);
+    # "bpda" is the defense's default rule: its true gradient if differentiable, else straight-through.
+    attack_gradients: tuple[str, ...] = ("bpda",)
 
     def __init__(self, **params):
         self.params = params
 
+    def bind(self, classifier: nn.Module, spec) -> None:
+        """Called with the evaluated classifier before use (PSSR needs it; the baselines do not)."""
+
     def purify(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def forward_for_attack(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_for_attack(self, x: torch.Tensor, gradient: str = "bpda") -> torch.Tensor:
         """The defense as an attacker differentiates it: the true forward, BPDA backward if needed."""
+        if gradient not in self.attack_gradients:
+            raise DefenseError(f"defense {self.describe()} has no {gradient!r} gradient")
         if self.differentiable:
             return self.purify(x)
         return straight_through(x, self.purify)
@@ -125,7 +134,10 @@ class TotalVariation(ArtPreprocessor):
         super().__init__(prob=prob, norm=norm, lamb=lamb, max_iter=max_iter)
 
 
-DEFENSES: dict[str, type[Defense]] = {"none": Defense, "jpeg": Jpeg, "bit-depth": BitDepth, "median": Median, "tvm": TotalVariation}
+DEFENSES: dict[str, type[Defense] | str] = {
+    "none": Defense, "jpeg": Jpeg, "bit-depth": BitDepth, "median": Median, "tvm": TotalVariation,
+    "pssr": "pssr.purifier:PssrDefense",  # imported when first used (it imports this module)
+}
 
 
 def register(name: str, cls: type[Defense]) -> None:
@@ -147,8 +159,12 @@ def parse_defense(text: str) -> Defense:
             params[key] = float(value) if "." in value or "e" in value.lower() else int(value)
         except ValueError:
             params[key] = value
+    cls = DEFENSES[name]
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = DEFENSES[name] = getattr(importlib.import_module(module), attr)
     try:
-        return DEFENSES[name](**params)
+        return cls(**params)
     except TypeError as exc:
         raise DefenseError(f"defense {text!r}: {exc}") from None
 
@@ -158,16 +174,21 @@ class DefendedModel(nn.Module):
 
     The forward runs the real defense; its backward is the defense's own (a straight-through
     BPDA rule for non-differentiable ones). `eot`: for a random defense, average the logits over
-    this many draws (expectation over transformation); 1 = a single draw.
+    this many draws (expectation over transformation); 1 = a single draw. `gradient`: one of the
+    defense's `attack_gradients` (PSSR has several).
     """
 
-    def __init__(self, classifier: nn.Module, defense: Defense | None = None, eot: int = 1):
+    def __init__(self, classifier: nn.Module, defense: Defense | None = None, eot: int = 1, gradient: str = "bpda"):
         super().__init__()
         self.classifier = classifier
         self.defense = defense or Defense()
         self.eot = max(1, int(eot))
+        if gradient not in self.defense.attack_gradients:
+            raise DefenseError(f"defense {self.defense.describe()} has no {gradient!r} gradient "
+                               f"(it has: {', '.join(self.defense.attack_gradients)})")
+        self.gradient = gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         draws = self.eot if self.defense.randomized else 1
-        logits = [self.classifier(self.defense.forward_for_attack(x)) for _ in range(draws)]
+        logits = [self.classifier(self.defense.forward_for_attack(x, self.gradient)) for _ in range(draws)]
         return torch.stack(logits).mean(0) if draws > 1 else logits[0]

@@ -1,0 +1,33 @@
+"""The purifier's training losses (DESIGN.md §2.2), each a mean over the batch.
+
+Pixel consistency pulls the regenerated pixels towards the clean image; semantic consistency asks
+the frozen classifier to see the right class and the clean image's features; adversarial R-drop
+asks for the same prediction on the adversarial and the clean path, and across two dropout passes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pixel(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 to the clean image, summed over pixels and channels, averaged over images and pixels."""
+    return (x_hat - x).abs().mean()
+
+
+def semantic(logits: torch.Tensor, y: torch.Tensor, features: torch.Tensor, clean_features: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """CE(f(x̂), y) + β ‖φ(x̂) − φ(x)‖² (the squared distance averaged over feature dimensions)."""
+    ce = F.cross_entropy(logits, y)
+    if beta == 0:
+        return ce
+    return ce + beta * (features - clean_features).pow(2).mean(1).mean()
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """½ [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)], averaged over the batch."""
+    la, lb = F.log_softmax(logits_a, 1), F.log_softmax(logits_b, 1)
+    kl_ab = F.kl_div(lb, la, log_target=True, reduction="batchmean")  # KL(p_a || p_b)
+    kl_ba = F.kl_div(la, lb, log_target=True, reduction="batchmean")
+    return 0.5 * (kl_ab + kl_ba)

@@ -1,0 +1,186 @@
+"""The PSSR purifier: Pixel Surgery then Semantic Regeneration, its checkpoints and its defense.
+
+A purifier belongs to one frozen classifier: the surgery uses that classifier's gradient, and G is
+trained on the masks it makes. So a purifier checkpoint stores only G's weights, the surgery
+settings and the sha256 of its classifier's weights, and refuses to run with any other classifier.
+The classifier is found next to the purifier file (by the file name recorded at training time),
+then among the shipped weights, or given explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint, classifiers
+from .defenses import Defense, DefenseError
+from .regeneration import Regenerator, RegeneratorSpec, compose
+from .surgery import GRADIENTS, PixelSurgery, SurgeryConfig
+
+KIND = "purifier"
+SHIPPED = ("mnist", "cifar10")
+
+
+@dataclass
+class PurifierSpec:
+    regenerator: RegeneratorSpec
+    surgery: SurgeryConfig
+    classifier_sha256: str
+    classifier_file: str = ""  # the classifier checkpoint's file name at training time
+    dataset: str = ""
+    extra: dict = field(default_factory=dict)  # training summary (accuracies, command, seed)
+
+
+@dataclass
+class Purified:
+    """What one purification produced, per image."""
+
+    x_hat: torch.Tensor  # the purified images
+    x_s: torch.Tensor  # after surgery
+    mask: torch.Tensor  # (B, 1, H, W): bool, or float in [0, 1] for the soft gradient
+    logits_before: torch.Tensor  # f(x), whose argmax chose the saliency label
+
+
+class Purifier(nn.Module):
+    """x -> x̂ = SR(PS(x)); ``gradient`` picks how an attacker differentiates the surgery."""
+
+    def __init__(self, classifier: nn.Module, regenerator: Regenerator, surgery: SurgeryConfig):
+        super().__init__()
+        self.surgery = PixelSurgery(classifier, surgery)
+        self.regenerator = regenerator
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.surgery.classifier
+
+    def purify(self, x: torch.Tensor, gradient: str = "mask-fixed") -> Purified:
+        x_s, mask, logits = self.surgery(x, gradient)
+        x_hat = compose(x_s, mask, self.regenerator(x_s, mask))
+        return Purified(x_hat, x_s, mask, logits)
+
+    def forward(self, x: torch.Tensor, gradient: str = "mask-fixed") -> torch.Tensor:
+        return self.purify(x, gradient).x_hat
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save(path, regenerator: Regenerator, spec: PurifierSpec) -> None:
+    info = {"kind": KIND, "spec": dataclasses.asdict(spec)}
+    checkpoint.save(path, regenerator.state_dict(), info)
+
+
+def read_spec(info: dict, path) -> PurifierSpec:
+    try:
+        raw = dict(info["spec"])
+        raw["regenerator"] = RegeneratorSpec(**raw["regenerator"])
+        raw["surgery"] = SurgeryConfig(**raw["surgery"])
+        return PurifierSpec(**raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise checkpoint.CheckpointError(f"{path}: does not hold a usable purifier spec ({exc})") from None
+
+
+def shipped_path(name: str) -> Path:
+    return Path(str(resources.files("pssr") / "weights" / f"{name}.safetensors"))
+
+
+def _find_classifier(path: Path, spec: PurifierSpec, classifier_path) -> Path:
+    if classifier_path is not None:
+        return Path(classifier_path)
+    candidates = []
+    if spec.classifier_file:
+        candidates += [path.parent / spec.classifier_file, shipped_path(Path(spec.classifier_file).stem)]
+    if spec.dataset:
+        candidates.append(shipped_path(f"classifier-{spec.dataset}"))
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise checkpoint.CheckpointError(
+        f"{path}: cannot find its classifier ({spec.classifier_file or 'unnamed'}); pass it explicitly"
+    )
+
+
+def load(path, classifier_path=None, device="cpu") -> tuple[Purifier, PurifierSpec, classifiers.ClassifierSpec]:
+    """A purifier in eval mode with its frozen classifier; refuses a classifier it was not trained for."""
+    path = Path(path)
+    tensors, info = checkpoint.load(path, kind=KIND)
+    spec = read_spec(info, path)
+    cpath = _find_classifier(path, spec, classifier_path)
+    classifier, cspec = classifiers.load(cpath, device)
+    return bind(classifier, cspec, tensors, spec, path, cpath, device)
+
+
+def bind(classifier, cspec, tensors, spec: PurifierSpec, path, cpath, device="cpu"):
+    sha = checkpoint.weights_sha256(classifier.state_dict())
+    if sha != spec.classifier_sha256:
+        raise checkpoint.CheckpointError(
+            f"{path}: this purifier was trained for another classifier (sha256 {spec.classifier_sha256[:12]}…), "
+            f"not {cpath} ({sha[:12]}…)"
+        )
+    if spec.regenerator.channels != cspec.in_channels:
+        raise checkpoint.CheckpointError(f"{path}: {spec.regenerator.channels}-channel purifier, "
+                                         f"{cspec.in_channels}-channel classifier")
+    regenerator = Regenerator(spec.regenerator)
+    try:
+        regenerator.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise checkpoint.CheckpointError(f"{path}: weights do not fit the regenerator ({str(exc).splitlines()[0]})") from None
+    regenerator.eval().requires_grad_(False)
+    return Purifier(classifier, regenerator.to(device), spec.surgery).eval(), spec, cspec
+
+
+# --------------------------------------------------------------------------------------------
+# The defense in the harness
+
+
+class PssrDefense(Defense):
+    """PSSR as a `pssr eval` defense: ``pssr`` (the shipped purifier of the classifier's data set)
+    or ``pssr:path=purifier.safetensors``.
+
+    Deterministic (G in eval mode), so no EOT. Attackers differentiate it in three ways
+    (DESIGN.md §9): ``bpda`` (straight-through surgery, then G and f), ``mask-fixed`` (the op's
+    own gradient) and ``soft`` (sigmoid mask through the saliency gradient).
+    """
+
+    name = "pssr"
+    randomized = False
+    differentiable = True
+    attack_gradients = ("bpda",) + tuple(g for g in GRADIENTS if g != "bpda")
+
+    def __init__(self, path: str | None = None):
+        super().__init__(**({"path": path} if path else {}))
+        self.path = path
+        self.purifier: Purifier | None = None
+
+    def bind(self, classifier: nn.Module, cspec: classifiers.ClassifierSpec) -> None:
+        if self.path is None:
+            name = f"purifier-{(cspec.dataset or '').lower()}"
+            path = shipped_path(name)
+            if not path.is_file():
+                raise DefenseError(f"pssr: no shipped purifier for data set {cspec.dataset!r}; pass pssr:path=FILE")
+        else:
+            path = Path(self.path)
+        try:
+            tensors, info = checkpoint.load(path, kind=KIND)
+            spec = read_spec(info, path)
+            self.purifier = bind(classifier, cspec, tensors, spec, path, "the evaluated classifier")[0]
+        except checkpoint.CheckpointError as exc:
+            raise DefenseError(f"pssr: {exc}") from None
+
+    def _ready(self) -> Purifier:
+        if self.purifier is None:
+            raise DefenseError("pssr: the defense needs its classifier (call bind first)")
+        return self.purifier
+
+    def purify(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._ready()(x, "mask-fixed").detach()
+
+    def forward_for_attack(self, x: torch.Tensor, gradient: str = "bpda") -> torch.Tensor:
+        return self._ready()(x, gradient)

@@ -1,0 +1,76 @@
+"""Semantic Regeneration: the conditional alignment extrapolator (CAE) that refills removed pixels.
+
+G sees the surgered image and its mask ([x_s, m], C + 1 channels) and predicts the whole image;
+only its prediction *inside* the mask is used, so every surviving pixel passes through unchanged:
+
+    x̂ = (1 − m) ⊙ x_s + m ⊙ G(x_s, m)
+
+G is a small U-Net of gated convolutions (a learned per-pixel gate lets it treat holes and
+surviving pixels differently, as in free-form inpainting) with one down-sampling level, dilated
+convolutions at the bottom for context, and dropout there so that adversarial R-drop has two
+different passes to compare. It is fully convolutional: any image size works (odd sizes too).
+No batch norm: a purified image must not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RegeneratorSpec:
+    """All that is needed to rebuild G (stored in the purifier checkpoint)."""
+
+    channels: int  # image channels (1 for MNIST, 3 for CIFAR)
+    width: int = 32
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.channels < 1 or self.width < 1:
+            raise ValueError("regenerator channels and width must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("regenerator dropout must be in [0, 1)")
+
+
+class GatedConv(nn.Module):
+    """3x3 conv whose output is ELU(features) × sigmoid(gate), both from one convolution."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, 2 * cout, 3, stride=stride, padding=dilation, dilation=dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, gate = self.conv(x).chunk(2, dim=1)
+        return F.elu(features) * torch.sigmoid(gate)
+
+
+class Regenerator(nn.Module):
+    """G(x_s, m) -> an image in [0, 1] of x_s's shape."""
+
+    def __init__(self, spec: RegeneratorSpec):
+        super().__init__()
+        c, w = spec.channels, spec.width
+        self.spec = spec
+        self.encode = nn.Sequential(GatedConv(c + 1, w), GatedConv(w, w))
+        self.down = GatedConv(w, 2 * w, stride=2)
+        self.context = nn.Sequential(
+            GatedConv(2 * w, 2 * w, dilation=2), nn.Dropout(spec.dropout), GatedConv(2 * w, 2 * w, dilation=4)
+        )
+        self.decode = GatedConv(3 * w, w)
+        self.out = nn.Conv2d(w, c, 3, padding=1)
+
+    def forward(self, x_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        skip = self.encode(torch.cat([x_s, mask.to(x_s.dtype)], dim=1))
+        deep = self.context(self.down(skip))
+        up = F.interpolate(deep, size=skip.shape[-2:], mode="nearest")
+        return torch.sigmoid(self.out(self.decode(torch.cat([up, skip], dim=1))))
+
+
+def compose(x_s: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """Surviving pixels from x_s, removed ones from G: (1 − m) x_s + m G."""
+    m = mask.to(x_s.dtype)
+    return (1 - m) * x_s + m * generated

@@ -1,0 +1,115 @@
+"""Pixel Surgery: remove the pixels where the frozen classifier's own gradient is salient.
+
+The classifier's predicted label stands in for the unknown true one (DESIGN.md §2.1): one forward
+and backward pass of f gives g = ∂ log p(ŷ | x) / ∂x, and the fused op removes the pixels whose
+score max_c |g| is above α × the image's mean (or the top ρ fraction). The saliency step always
+runs under ``torch.enable_grad()``, because attack libraries call models inside ``no_grad``.
+
+How an attacker differentiates the surgery is a choice, not a fact, so it is explicit here:
+
+``mask-fixed``  the op's own autograd: ∂x_s/∂x = 1 − mask (the true gradient, mask held fixed).
+``bpda``        straight-through: ∂x_s/∂x = I (BPDA with the identity).
+``soft``        the hard threshold replaced by σ((s − τ)/T) and differentiated through the
+                saliency gradient itself (``create_graph=True``): the full adaptive attack.
+                Its forward value is a relaxation of the real defense (used only to attack it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+GRADIENTS = ("mask-fixed", "bpda", "soft")
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    """The surgery's knobs (stored in the purifier checkpoint: train and test must agree)."""
+
+    mode: Literal["mean", "topk"] = "mean"
+    alpha: float = 1.0  # mean mode: remove pixels with score > alpha * mean score
+    ratio: float = 0.2  # topk mode: remove ceil(ratio * H * W) pixels
+    fill: float = 0.0
+    reduce: Literal["max", "sum"] = "max"
+    soft_temperature: float = 0.1  # soft gradient: T = this × the image's mean score
+
+    def __post_init__(self):
+        if self.mode not in ("mean", "topk"):
+            raise ValueError(f"surgery mode must be mean or topk, got {self.mode!r}")
+        if self.reduce not in ("max", "sum"):
+            raise ValueError(f"surgery reduce must be max or sum, got {self.reduce!r}")
+        if not self.alpha >= 0 or not 0 <= self.ratio <= 1 or not 0 <= self.fill <= 1:
+            raise ValueError("surgery needs alpha >= 0, ratio in [0, 1] and fill in [0, 1]")
+        if not self.soft_temperature > 0:
+            raise ValueError("surgery soft_temperature must be > 0")
+
+
+def saliency_gradient(classifier: nn.Module, x: torch.Tensor, *, create_graph: bool = False):
+    """(g, logits) with g = ∂ log softmax(f(x))[ŷ] / ∂x, ŷ = argmax f(x), per image.
+
+    Without ``create_graph`` the gradient is taken at a detached copy of x (no graph to the
+    caller); with it, g stays a differentiable function of x (for the soft adaptive attack).
+    """
+    with torch.enable_grad():
+        xin = x if create_graph and x.requires_grad else x.detach().requires_grad_(True)
+        logits = classifier(xin)
+        pred = logits.argmax(1)
+        log_p = F.log_softmax(logits, dim=1).gather(1, pred[:, None]).sum()
+        (grad,) = torch.autograd.grad(log_p, xin, create_graph=create_graph)
+    return grad, logits
+
+
+def straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y in the forward pass, the identity (∂/∂x = I) in the backward pass."""
+    return x + (y - x).detach()
+
+
+class PixelSurgery(nn.Module):
+    """x -> (x_s, mask, logits of f(x)); mask is bool (B, 1, H, W), True = removed."""
+
+    def __init__(self, classifier: nn.Module, config: SurgeryConfig = SurgeryConfig()):
+        super().__init__()
+        self.classifier = classifier
+        self.config = config
+
+    def forward(self, x: torch.Tensor, gradient: str = "mask-fixed"):
+        if gradient not in GRADIENTS:
+            raise ValueError(f"unknown surgery gradient {gradient!r}; choose one of {', '.join(GRADIENTS)}")
+        if gradient == "soft":
+            return self.soft(x)
+        c = self.config
+        grad, logits = saliency_gradient(self.classifier, x)
+        x_in = x if gradient == "mask-fixed" else x.detach()
+        x_s, mask = ops.pixel_surgery(x_in, grad, alpha=c.alpha, mode=c.mode, ratio=c.ratio, fill=c.fill,
+                                      reduce=c.reduce)
+        if gradient == "bpda":
+            x_s = straight_through(x, x_s)
+        return x_s, mask, logits.detach()
+
+    def soft(self, x: torch.Tensor):
+        """The differentiable relaxation: (x_s, soft mask in [0, 1] (B, 1, H, W), logits)."""
+        c = self.config
+        grad, logits = saliency_gradient(self.classifier, x, create_graph=True)
+        g = grad.abs()
+        s = g.amax(1) if c.reduce == "max" else g.sum(1)  # (B, H, W)
+        flat = s.flatten(1)
+        scale = flat.mean(1).clamp_min(torch.finfo(s.dtype).tiny)
+        if c.mode == "mean":
+            tau = c.alpha * flat.mean(1)
+        else:
+            k = ops.topk_count(c.ratio, s.shape[-2], s.shape[-1])
+            # threshold halfway between the k-th and (k+1)-th highest score (a fixed, detached level)
+            top = flat.detach().sort(1, descending=True).values
+            hi = top[:, max(k - 1, 0)] if k > 0 else top[:, 0] + scale
+            lo = top[:, k] if k < top.shape[1] else top[:, -1] - scale
+            tau = 0.5 * (hi + lo)
+        soft = torch.sigmoid((s - tau[:, None, None]) / (c.soft_temperature * scale[:, None, None]))
+        m = soft[:, None]
+        x_s = (1 - m) * x + m * c.fill
+        return x_s, m, logits.detach()

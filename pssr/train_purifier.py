@@ -1,0 +1,394 @@
+"""The purifier-training pipeline behind `pssr train`.
+
+Per step, for a batch of clean training images (DESIGN.md §2.2):
+
+1. adversarial examples against the frozen, *undefended* classifier f with the training attack
+   (PGD only: every other attack stays unseen), made on the fly;
+2. Pixel Surgery of both the adversarial and the clean batch (f's own saliency, the fused op);
+3. G regenerates the removed pixels: the adversarial batch twice (two dropout draws, for R-drop)
+   and the clean batch once (self-augmentation), in one batched pass;
+4. loss = λ_pix L_pix + λ_sem L_sem + λ_rd L_rd, through frozen f into G only.
+
+Resumable exactly: the shuffle, the attack's random starts and the dropout draws are seeded from
+(seed, epoch, step, rank), the learning rate is a function of the step, and the state (G and Adam)
+is saved atomically as safetensors. Distributed with `torchrun` (DistributedDataParallel; gloo on
+CPU, nccl on GPU): each rank takes its share of every batch, rank 0 logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from . import attacks, checkpoint, classifiers, config, losses, purifier
+from .data import load_dataset
+from .regeneration import Regenerator, RegeneratorSpec, compose
+from .surgery import PixelSurgery, SurgeryConfig
+from .train_classifier import Logger, _generator, lr_at
+
+STATE_KIND = "purifier-training-state"
+TRAINING_ATTACKS = ("pgd", "pgd100", "pgd-l2")
+
+
+class TrainError(Exception):
+    """A run that cannot start or resume (one line)."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None  # default: the classifier's data set
+    root: str | None = None  # default: --data-root, else $PSSR_DATA_ROOT
+    train_limit: int | None = None  # first N training images
+    test_limit: int = 500  # test images for the accuracy watched during training
+
+
+@dataclass
+class RegeneratorConfig:
+    width: int = 32
+    dropout: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    pixel: float = 1.0  # λ_pix
+    semantic: float = 1.0  # λ_sem
+    feature_beta: float = 0.1  # β: weight of the feature distance inside L_sem
+    rdrop: float = 1.0  # λ_rd
+    clean_path: bool = True  # self-augmentation: clean images through PS + SR too
+
+    def __post_init__(self):
+        if min(self.pixel, self.semantic, self.feature_beta, self.rdrop) < 0:
+            raise ValueError("loss weights must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 2e-3  # peak of the one-cycle schedule (Adam)
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 50  # steps
+    log_every: int = 10  # steps
+    eval_every: int = 0  # steps between watched-accuracy checks (0: at each epoch's end only)
+    stop_after_steps: int | None = None  # stop (checkpointed) after this many steps of this run
+    max_steps: int | None = None  # end the run after this many steps in all (a budget, for ablations)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError("warmup_fraction must be in [0, 1)")
+        if self.lr <= 0 or self.checkpoint_every < 1 or self.log_every < 1 or self.eval_every < 0:
+            raise ValueError("lr, checkpoint_every and log_every must be > 0, eval_every >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+
+
+@dataclass
+class PurifierConfig:
+    classifier: str = "mnist"  # a shipped classifier (mnist, cifar10) or a checkpoint path
+    attack: str = "pgd:steps=10"  # the training attack (PGD family only), preset of the data set
+    data: DataConfig = field(default_factory=DataConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    regenerator: RegeneratorConfig = field(default_factory=RegeneratorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(source: str, overrides=()) -> PurifierConfig:
+    return config.load(PurifierConfig, source, overrides, prefix="purifier")
+
+
+# --------------------------------------------------------------------------------------------
+# Distribution
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed() -> Dist:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank, world, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+
+
+def resolve_classifier(name: str) -> Path:
+    """'mnist' / 'cifar10' (the shipped ones) or a path."""
+    shipped = purifier.shipped_path(f"classifier-{name}")
+    if shipped.is_file():
+        return shipped
+    path = Path(name)
+    if not path.is_file():
+        raise TrainError(f"classifier {name!r}: no such shipped classifier or file "
+                         f"(train one with `pssr train-classifier`)")
+    return path
+
+
+def _seed(*parts: int) -> int:
+    return int(_generator(*parts).initial_seed())
+
+
+def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def _restore(model, optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v.clone()
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+@torch.no_grad()
+def watched_accuracy(surgery: PixelSurgery, regenerator, x, y, batch_size: int = 250) -> float:
+    """Accuracy of f on purified images: the number to watch while training (DESIGN.md §2.2)."""
+    was = regenerator.training
+    regenerator.eval()
+    correct = 0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        x_s, mask, _ = surgery(xb)
+        x_hat = compose(x_s, mask, regenerator(x_s, mask))
+        correct += int((surgery.classifier(x_hat).argmax(1) == yb).sum())
+    regenerator.train(was)
+    return correct / max(1, len(y))
+
+
+def step_loss(f, surgery: PixelSurgery, G, x, y, x_adv, lc: LossConfig) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch and its terms (floats), G in training mode."""
+    with torch.no_grad():
+        xs_a, m_a, _ = surgery(x_adv)
+        target_features = f.features(x)
+    parts_x, parts_m, names = [xs_a], [m_a], ["adv"]
+    if lc.rdrop > 0:
+        parts_x.append(xs_a), parts_m.append(m_a), names.append("adv2")
+    if lc.clean_path:
+        with torch.no_grad():
+            xs_c, m_c, _ = surgery(x)
+        parts_x.append(xs_c), parts_m.append(m_c), names.append("clean")
+    xs, m = torch.cat(parts_x), torch.cat(parts_m)
+    x_hat = compose(xs, m, G(xs, m))  # one pass: dropout draws differ per image
+    features = f.features(x_hat)
+    logits = f.head(features)
+    n = len(x)
+    part = {name: slice(i * n, (i + 1) * n) for i, name in enumerate(names)}
+    adv, terms = part["adv"], {}
+    l_pix = losses.pixel(x_hat[adv], x)
+    l_sem = losses.semantic(logits[adv], y, features[adv], target_features, lc.feature_beta)
+    l_rd = x.new_zeros(())
+    if "clean" in part:
+        c = part["clean"]
+        l_pix = l_pix + losses.pixel(x_hat[c], x)
+        l_sem = l_sem + losses.semantic(logits[c], y, features[c], target_features, lc.feature_beta)
+        if lc.rdrop > 0:
+            l_rd = l_rd + losses.symmetric_kl(logits[adv], logits[c])
+    if "adv2" in part:
+        l_rd = l_rd + losses.symmetric_kl(logits[adv], logits[part["adv2"]])
+    loss = lc.pixel * l_pix + lc.semantic * l_sem + lc.rdrop * l_rd
+    with torch.no_grad():
+        acc = float((logits[adv].argmax(1) == y).float().mean())
+    terms = {"loss": loss.item(), "pixel": l_pix.item(), "semantic": l_sem.item(), "rdrop": l_rd.item(),
+             "adv_batch_acc": acc}
+    return loss, terms
+
+
+def _defining(resolved: dict) -> dict:
+    """The keys a resume must match (run controls excluded)."""
+    train = {k: v for k, v in resolved["train"].items() if k not in ("stop_after_steps", "eval_every", "log_every")}
+    return {**resolved, "train": train}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, quiet: bool = False) -> dict:
+    """Train; returns the summary (watched accuracies, paths, time). Raises TrainError."""
+    dd = init_distributed()
+    out = Path(out_dir)
+    state_path, final_path, log_path = out / "state.safetensors", out / "purifier.safetensors", out / "log.jsonl"
+    resolved = config.to_dict(cfg)
+    if state_path.exists() and not resume:
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not state_path.exists():
+        raise TrainError(f"--resume: no {state_path} to resume from")
+
+    cpath = resolve_classifier(cfg.classifier)
+    f, cspec = classifiers.load(cpath, dd.device)
+    dataset = (cfg.data.dataset or cspec.dataset).lower()
+    root = cfg.data.root or data_root or os.environ.get("PSSR_DATA_ROOT")
+    if root is None:
+        raise TrainError("no data root: pass --data-root, set data.root, or set PSSR_DATA_ROOT")
+    train = load_dataset(dataset, root, "train").subset(cfg.data.train_limit)
+    test = load_dataset(dataset, root, "test").subset(cfg.data.test_limit)
+    C, H, W = train.image_shape
+    if (C, H) != (cspec.in_channels, cspec.image_size):
+        raise TrainError(f"{cpath.name} takes {cspec.in_channels}x{cspec.image_size}² images, {dataset} has {C}x{H}x{W}")
+    try:
+        attack = attacks.parse_attack(cfg.attack, cspec.dataset or dataset)
+    except attacks.AttackError as exc:
+        raise TrainError(f"attack: {exc}") from None
+    if attack.name not in TRAINING_ATTACKS:
+        raise TrainError(f"attack: the training attack must be PGD ({', '.join(TRAINING_ATTACKS)}), "
+                         f"got {attack.name!r}; the other attacks stay unseen for evaluation")
+    tc, lc = cfg.train, cfg.loss
+    steps_per_epoch = len(train) // tc.batch_size
+    if steps_per_epoch < 1:
+        raise TrainError(f"{len(train)} training images is less than one batch of {tc.batch_size}")
+    if tc.batch_size % dd.world:
+        raise TrainError(f"batch_size {tc.batch_size} does not split over {dd.world} processes")
+    total = steps_per_epoch * tc.epochs
+    if tc.max_steps is not None:
+        total = min(total, tc.max_steps)
+
+    torch.manual_seed(tc.seed)  # initial weights, the same on every rank
+    rspec = RegeneratorSpec(C, cfg.regenerator.width, cfg.regenerator.dropout)
+    G = Regenerator(rspec).to(dd.device)
+    optimizer = torch.optim.Adam(G.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    surgery = PixelSurgery(f, cfg.surgery)
+    step = 0
+    if resume:
+        tensors, info = checkpoint.load(state_path, kind=STATE_KIND)
+        if _defining(info["config"]) != _defining(resolved):
+            raise TrainError(f"--resume: {out} was started with another config; use the same --set options")
+        _restore(G, optimizer, tensors)
+        step = int(info["step"])
+    model = G
+    if dd.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(G)
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    # the accuracy to watch: purified clean test images and transferred PGD (made on f once)
+    x_test = test.images.float().div_(255).to(dd.device)
+    y_test = test.labels.to(dd.device)
+    watch = {}
+    if dd.main:
+        watch_attack = attacks.preset("pgd", cspec.dataset or dataset)
+        x_test_adv = attacks.run_attack(watch_attack, f, x_test, y_test, seed=_seed(tc.seed, 7))
+
+    def check(epoch: int) -> dict:
+        if not dd.main:
+            return {}
+        return {"step": step, "epoch": epoch, "watch_clean_acc": watched_accuracy(surgery, G, x_test, y_test),
+                "watch_pgd_acc": watched_accuracy(surgery, G, x_test_adv, y_test), "watch_n": len(y_test)}
+
+    def save_state():
+        if dd.main:
+            checkpoint.save(state_path, _state_tensors(G, optimizer),
+                            {"kind": STATE_KIND, "step": step, "config": resolved, "world": dd.world})
+        dd.barrier()
+
+    started, run_steps = time.time(), 0
+    show = dd.main and not quiet and sys.stderr.isatty()
+    with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar:
+        log = Logger(log_path, bar, quiet) if dd.main else (lambda *a, **k: None)
+        G.train()
+        try:
+            while step < total:
+                epoch, b = divmod(step, steps_per_epoch)
+                perm = torch.randperm(len(train), generator=_generator(tc.seed, epoch))
+                idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size][dd.rank :: dd.world]
+                x = train.images[idx].float().div_(255).to(dd.device)
+                y = train.labels[idx].to(dd.device)
+                x_adv = attacks.run_attack(attack, f, x, y, seed=_seed(tc.seed, epoch, b, dd.rank, 1),
+                                           batch_size=len(x))
+                torch.manual_seed(_seed(tc.seed, epoch, b, dd.rank, 2))  # this step's dropout draws
+                loss, terms = step_loss(f, surgery, model, x, y, x_adv, lc)
+                lr = lr_at(step, total, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step, run_steps = step + 1, run_steps + 1
+                bar.update()
+                if step % tc.log_every == 0 or step == 1:
+                    bar.set_postfix(loss=f"{terms['loss']:.3f}", acc=f"{terms['adv_batch_acc']:.2f}")
+                    log({"step": step, "epoch": epoch, "lr": lr, "world": dd.world, **terms})
+                end_of_epoch = step % steps_per_epoch == 0 or step == total
+                if end_of_epoch or (tc.eval_every and step % tc.eval_every == 0):
+                    record = check(epoch)
+                    if record:
+                        log(record, f"step {step}/{total}: purified accuracy clean {record['watch_clean_acc']:.2%}, "
+                                    f"PGD (transfer) {record['watch_pgd_acc']:.2%} on {record['watch_n']} test images")
+                if end_of_epoch or step % tc.checkpoint_every == 0:
+                    save_state()
+                if tc.stop_after_steps is not None and run_steps >= tc.stop_after_steps and step < total:
+                    save_state()
+                    return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
+        except KeyboardInterrupt:
+            save_state()
+            raise TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume") from None
+
+    seconds = time.time() - started
+    summary = {"checkpoint": str(final_path), "seconds": seconds, "steps": total, "world": dd.world}
+    if dd.main:
+        final = check(epoch=(total - 1) // steps_per_epoch)
+        spec = purifier.PurifierSpec(
+            regenerator=rspec, surgery=cfg.surgery, classifier_sha256=checkpoint.weights_sha256(f.state_dict()),
+            classifier_file=cpath.name, dataset=cspec.dataset or dataset,
+            extra={"watch_clean_acc": final["watch_clean_acc"], "watch_pgd_acc": final["watch_pgd_acc"],
+                   "watch_n": final["watch_n"], "steps": total, "seed": tc.seed, "attack": attack.label(),
+                   "train_images": len(train), "train_seconds_this_run": round(seconds, 1)},
+        )
+        purifier.save(final_path, G, spec)
+        summary.update({k: final[k] for k in ("watch_clean_acc", "watch_pgd_acc", "watch_n")})
+        log({"final": True, **summary})
+    dd.barrier()
+    return summary
+
+
+@contextlib.contextmanager
+def distributed_cleanup():
+    """Tear the process group down however the run ends."""
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
