@@ -17,7 +17,8 @@ from pssr.defenses import DefenseError
 @click.option("--data-root", type=click.Path(), envvar="PSSR_DATA_ROOT",
               help="Folder holding the data sets (also $PSSR_DATA_ROOT).")
 @click.option("--defense", "defenses", multiple=True, metavar="SPEC",
-              help="Defense, e.g. jpeg:quality=50 (repeatable). Default: " + ", ".join(evaluate.DEFAULT_DEFENSES) + ".")
+              help="Defense, e.g. jpeg:quality=50, pssr or pssr:path=FILE (repeatable). Default: "
+                   + ", ".join(evaluate.DEFAULT_DEFENSES) + " (pssr where a shipped purifier fits the classifier).")
 @click.option("--attack", "attacks", multiple=True, metavar="SPEC",
               help="Attack, e.g. pgd or pgd:eps=0.1,steps=10 (repeatable). Default: the data set's presets.")
 @click.option("--threat", "threats", multiple=True, type=click.Choice(evaluate.THREATS),
@@ -46,8 +47,14 @@ def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats
       oblivious  adversarial examples made on the undefended classifier (once per
                  attack, reused for every defense), then purified and classified;
       bpda       the attack sees classifier(defense(x)), with a straight-through
-                 backward through non-differentiable defenses (not run for 'none':
-                 it equals oblivious there);
+                 backward through non-differentiable defenses (for PSSR: through
+                 the surgery, then G and f) (not run for 'none': it equals
+                 oblivious there);
+      mask-fixed PSSR only, gradient-based attacks: the surgery's own gradient
+                 (1 - mask, the mask held fixed), through the regenerator and f;
+      soft-mask  PSSR only, gradient-based attacks: the surgery's threshold
+                 relaxed to a sigmoid, differentiated through the saliency
+                 gradient itself (full adaptive; on the first M images);
       eot        randomized defenses only (tvm), gradient-based attacks only:
                  gradients averaged over --eot draws of the defense.
     Per defense, the worst case counts an image as robust only if it is correct

@@ -6,6 +6,7 @@ from pssr import __version__
 
 from .bench_kernels import bench_kernels
 from .eval import eval_command
+from .purify import purify_command
 from .train import train_command
 from .train_classifier import train_classifier_command
 
@@ -18,6 +19,7 @@ def cli():
 
 cli.add_command(bench_kernels)
 cli.add_command(eval_command)
+cli.add_command(purify_command)
 cli.add_command(train_command)
 cli.add_command(train_classifier_command)
 

@@ -1,5 +1,7 @@
 """`pssr train`: parse options, run the purifier-training pipeline, print the result."""
 
+import os
+
 import click
 
 from pssr import config, train_purifier
@@ -40,8 +42,8 @@ def train_command(config_source, overrides, out_dir, data_root, resume, quiet):
             summary = train_purifier.run(cfg, out_dir, resume=resume, data_root=data_root, quiet=quiet)
     except (config.ConfigError, train_purifier.TrainError, DataError, CheckpointError, AttackError) as exc:
         raise click.ClickException(str(exc)) from None
-    if summary.get("world", 1) > 1 and "watch_clean_acc" not in summary and "stopped_at_step" not in summary:
-        return  # not rank 0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 speaks for all
     if "stopped_at_step" in summary:
         click.echo(f"stopped at step {summary['stopped_at_step']}/{summary['total_steps']}; "
                    f"state in {summary['state']} (rerun with --resume)")

@@ -15,6 +15,10 @@ Recipe (DESIGN.md §2.3, §5, §6, §8, §9 "Evaluation"):
                   forward pass, the straight-through (BPDA) backward for a non-differentiable one.
                   Gradient-free attacks query the defended model directly. Not run for ``none``
                   (it would repeat ``oblivious``).
+   ``mask-fixed`` for defenses that offer it (PSSR), gradient-based attacks only: the surgery's
+                  own gradient, ∂x_s/∂x = 1 − mask (mask held fixed), through G and f.
+   ``soft-mask``  likewise: the hard surgery threshold replaced by a sigmoid and differentiated
+                  through the saliency gradient itself (the full adaptive attack). Expensive.
    ``eot``        for randomized defenses only, and gradient-based attacks only: the gradient of
                   the logits averaged over ``eot`` draws of the defense (plus BPDA).
 
@@ -60,10 +64,13 @@ from pssr import attacks, classifiers, report
 from pssr.checkpoint import weights_sha256
 from pssr.data import load_dataset
 from pssr.errors import first_line
-from pssr.defenses import DefendedModel, Defense, parse_defense
+from pssr.defenses import DefendedModel, Defense, DefenseError, parse_defense
 
-THREATS: tuple[str, ...] = ("oblivious", "bpda", "eot")
-DEFAULT_DEFENSES: tuple[str, ...] = ("none", "jpeg", "bit-depth:bits=4", "bit-depth:bits=1", "median", "tvm")
+THREATS: tuple[str, ...] = ("oblivious", "bpda", "mask-fixed", "soft-mask", "eot")
+# Threat models that are a way of differentiating the defense: threat -> Defense.attack_gradients entry.
+GRADIENT_THREATS: dict[str, str] = {"bpda": "bpda", "mask-fixed": "mask-fixed", "soft-mask": "soft"}
+EXPENSIVE_THREATS = frozenset({"eot", "soft-mask"})
+DEFAULT_DEFENSES: tuple[str, ...] = ("none", "jpeg", "bit-depth:bits=4", "bit-depth:bits=1", "median", "tvm", "pssr")
 # Runs on only the first `limit_expensive` images (DESIGN.md §9): these attacks, these defenses, EOT.
 EXPENSIVE_ATTACKS = frozenset({"autoattack", "square"})
 EXPENSIVE_DEFENSES = frozenset({"tvm"})
@@ -339,12 +346,14 @@ class _Evaluation:
     def attack(self, a: _Attack, d: _Defense | None, threat: str) -> tuple[torch.Tensor, float]:
         """Attack the undefended classifier (d None) or the defended model under a threat model."""
         name = "none" if d is None else d.name
-        n = self.m if a.expensive or threat == "eot" or (d is not None and d.expensive) else self.n
+        n = self.m if a.expensive or threat in EXPENSIVE_THREATS or (d is not None and d.expensive) else self.n
         if d is None:
             model, target = self.classifier, "the undefended classifier"
         else:
             eot = self.config.eot if threat == "eot" else 1
-            model, target = DefendedModel(self.classifier, d.defense, eot=eot), f"{d.name} ({threat})"
+            gradient = GRADIENT_THREATS.get(threat, "bpda")
+            model = DefendedModel(self.classifier, d.defense, eot=eot, gradient=gradient)
+            target = f"{d.name} ({threat})"
         self.bar.set_description_str(f"{a.text} on {target}")
         seed = run_seed(self.config.seed, name, a.text, threat)
         x_adv, seconds = _attack(a, model, self.x[:n], self.y[:n], seed, self.config, f"{a.text} on {target}", self.bar)
@@ -366,11 +375,22 @@ def plan_size(defenses: list[_Defense], atts: list[_Attack], threats: tuple[str,
             steps += 1 + len(others)  # the shared attack (scored on none with it) + scoring per defense
         elif "bpda" in threats and has_none:
             steps += 1
-        if "bpda" in threats:
-            steps += len(others)
+        for d in others:
+            steps += len(_gradient_threats(a, d, threats))
         if "eot" in threats and not a.spec.gradient_free:
             steps += sum(d.defense.randomized for d in others)
     return steps
+
+
+def _gradient_threats(a: _Attack, d: _Defense, threats: tuple[str, ...]) -> list[str]:
+    """The gradient threat models that apply to (attack, defense): bpda always; the others only
+    where the defense offers that gradient and the attack uses gradients (a gradient-free attack
+    would only query a relaxed forward pass)."""
+    out = []
+    for threat, gradient in GRADIENT_THREATS.items():
+        if threat in threats and gradient in d.defense.attack_gradients and (threat == "bpda" or not a.spec.gradient_free):
+            out.append(threat)
+    return out
 
 
 def _classifier_info(path, spec, model) -> dict:
@@ -395,6 +415,15 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
     atts = _parse_attacks(config.attacks, preset_dataset)
     data = load_dataset(dataset, _data_root(config), "test")
     _check_compatible(spec, data, config.classifier)
+    for d in list(defenses):
+        try:
+            d.defense.bind(classifier, spec)
+        except DefenseError as exc:
+            if config.defenses != DEFAULT_DEFENSES or d.name != "pssr":
+                raise
+            defenses.remove(d)  # by default, PSSR joins only where a purifier exists for this classifier
+            if not quiet:
+                print(f"note: {exc}; evaluating without pssr", file=sys.stderr)
     data = data.subset(config.limit)  # the first N, in data-set order
     n = len(data)
     m = min(config.limit_expensive, n)
@@ -411,6 +440,7 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
         "attack_labels": [a.spec.label() for a in atts], "threats": list(threats),
         "n": n, "n_expensive": m, "subset": SUBSET_RULE,
         "expensive_attacks": sorted(EXPENSIVE_ATTACKS), "expensive_defenses": sorted(EXPENSIVE_DEFENSES),
+        "expensive_threats": sorted(EXPENSIVE_THREATS),
         "torch": torch.__version__, "pssr": pssr.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "device": "cpu",
     }
@@ -457,9 +487,9 @@ def _run_attack(ev: _Evaluation, a: _Attack, defenses: list[_Defense], threats: 
                 ev.score(d, a, "oblivious", x_adv, seconds)
                 ev.bar.update()
     for d in others:
-        if "bpda" in threats:
-            x_adv, seconds = ev.attack(a, d, "bpda")
-            ev.score(d, a, "bpda", x_adv, seconds)
+        for threat in _gradient_threats(a, d, threats):
+            x_adv, seconds = ev.attack(a, d, threat)
+            ev.score(d, a, threat, x_adv, seconds)
             ev.bar.update()
         if "eot" in threats and d.defense.randomized and not a.spec.gradient_free:
             x_adv, seconds = ev.attack(a, d, "eot")

@@ -1,0 +1,71 @@
+"""`pssr purify`: parse options, run the folder-purification pipeline, print a summary."""
+
+import sys
+
+import click
+
+from pssr import purify_folder
+
+
+@click.command("purify")
+@click.argument("in_dir", metavar="IN", type=click.Path())
+@click.argument("out_dir", metavar="OUT", type=click.Path())
+@click.option("--model", default="auto", show_default=True, metavar="auto|mnist|cifar10|PATH",
+              help="auto: greyscale images (R = G = B everywhere) to the MNIST purifier, colour ones to "
+                   "the CIFAR-10 purifier; mnist or cifar10: that shipped purifier for every image; "
+                   "PATH: a purifier checkpoint (.safetensors, from pssr train; write ./mnist for a file "
+                   "called mnist).")
+@click.option("--classifier", "classifier_path", type=click.Path(), default=None, metavar="PATH",
+              help="The purifier's classifier checkpoint, if not next to it or shipped (not with --model auto).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (under torchrun, cuda "
+              "means cuda:LOCAL_RANK).")
+@click.option("--format", "fmt", type=click.Choice(purify_folder.FORMATS), default="png", show_default=True,
+              help="png: lossless PNG, extension changed to .png; same: the input's format and name "
+                   "(JPEG at quality 95, so lossy; WebP lossless).")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist (otherwise they are skipped).")
+@click.option("--profile", is_flag=True, help="Print the time per stage (decode, saliency, surgery, regeneration, "
+              "classify, encode) and images/s at the end.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
+def purify_command(in_dir, out_dir, model, classifier_path, batch_size, device, fmt, overwrite, profile, quiet):
+    """Purify every image under IN into OUT, keeping the relative paths.
+
+    \b
+    Inputs: .png .jpg .jpeg .bmp .webp (any case) in IN and its sub-folders;
+    other files are ignored (counted in the summary), hidden ones too. Any
+    Pillow mode works: alpha is composited on white, 16-bit grey is used in
+    full precision, palette/CMYK/... become RGB, a colour image becomes luma
+    for a greyscale model and a grey one is repeated to RGB for a colour model.
+    Size: each image is resized (bilinear, aspect ratio not kept) to the
+    model's size (28x28 MNIST, 32x32 CIFAR-10) and the OUTPUT IS WRITTEN AT
+    THE MODEL'S SIZE: it is exactly what was purified and classified.
+    Every conversion is recorded per file in the manifest.
+
+    \b
+    OUT/manifest.jsonl has one JSON object per input file: path (relative
+    to IN), status (ok, skipped, failed), error, model, removed_fraction,
+    pred_before, pred_after, prob_before, prob_after (the predicted class's
+    probability), class_before, class_after, seconds, conversions, output.
+    Outputs are written atomically and never replaced without --overwrite
+    (status skipped, error "exists"): rerun the same command after an
+    interruption to finish the rest. Files that cannot be decoded are
+    reported on stderr and recorded as failed; the exit status is then 1.
+
+    \b
+    On several processes (rank R takes every WORLD-th file, manifest-rankR.jsonl):
+      torchrun --nproc_per_node 2 -m pssr_cli.main purify IN OUT
+    """
+    options = purify_folder.Options(model=model, classifier=classifier_path, batch_size=batch_size, device=device,
+                                    fmt=fmt, overwrite=overwrite, quiet=quiet, profile=profile)
+    try:
+        summary = purify_folder.run(in_dir, out_dir, options)
+    except purify_folder.PurifyError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    if profile:
+        click.echo(purify_folder.format_profile(summary), err=True)
+    ignored = f", {summary.ignored} non-image files ignored" if summary.ignored else ""
+    rank = f" (rank {summary.rank} of {summary.world})" if summary.world > 1 else ""
+    click.echo(f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed{ignored}{rank}; "
+               f"outputs in {summary.output}, manifest {summary.manifest}")
+    if summary.failed:
+        sys.exit(1)

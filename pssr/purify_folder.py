@@ -1,0 +1,724 @@
+"""`pssr purify IN OUT`: purify every image of a folder tree into another one, with a manifest.
+
+Every image file under IN (recursively; .png .jpg .jpeg .bmp .webp in any case, hidden files and
+folders skipped) is decoded with Pillow, purified (Pixel Surgery, then Semantic Regeneration) and
+written under OUT at the same relative path, as a lossless PNG by default. One JSON line per input
+file goes to ``OUT/manifest.jsonl`` (``manifest-rank{R}.jsonl`` under torchrun).
+
+Choices, stated once (the CLI's help repeats them):
+
+* **Which model.** ``auto`` sends greyscale images to the MNIST purifier and colour ones to the
+  CIFAR-10 purifier. An image is greyscale when every pixel has R = G = B once decoded (and alpha
+  composited), whatever the file's mode: an RGB or RGBA file of a grey picture (matplotlib writes
+  those) counts as grey. ``mnist``/``cifar10`` force one shipped purifier, anything else is a
+  purifier checkpoint path (so a file called ``mnist`` must be given as ``./mnist``). A model is
+  loaded on first use. If a forced model cannot be loaded the run stops with a one-line error; in
+  ``auto`` the files that need the missing model fail (one message) and the others go on.
+* **Channels.** A colour image given to a greyscale model is converted to luma (ITU-R 601-2,
+  Pillow's ``L``); a grey image given to a colour model has its channel repeated.
+* **Alpha** (RGBA, LA, palette transparency) is composited on white and dropped, as in
+  :func:`pssr.data.load_image_folder`: transparent pixels get a defined value, the one viewers show.
+* **16-bit greyscale** is scaled from [0, 65535] to [0, 1] in full precision for the model; the
+  output is 8-bit. Other modes (1, P, CMYK, YCbCr, ...) are converted to L or RGB by Pillow. An
+  EXIF orientation is applied; of an animated file only the first frame is used.
+* **Size.** The purifier works at its classifier's size (28x28 for MNIST, 32x32 for CIFAR-10): an
+  image of another size is resized to it (bilinear, antialiased when shrinking, aspect ratio not
+  kept) and **the output is written at the model's size**: the output is exactly what was purified
+  and classified, and nothing is invented by upsampling it back. Each such resize is recorded.
+* **Non-image files** (by extension) are ignored: not in the manifest, only counted in the summary.
+  A file with an image extension that cannot be decoded (corrupt, empty, not an image, unsupported
+  mode) is reported on stderr and recorded as ``failed``; the others are still processed.
+* **Outputs** are written atomically (temporary name in the same folder, then rename) and never
+  overwritten without ``overwrite`` (status ``skipped``, error ``exists``), so a run killed halfway
+  leaves no partial file and a rerun finishes the rest. With ``fmt="png"`` two inputs that differ
+  only in extension (``a.jpg``, ``a.png``) would share ``a.png``: the first (sorted) one wins, the
+  others fail with a message naming it (use ``fmt="same"``).
+* **Manifest.** Records are appended one whole line per write (and flushed) while the run goes; a
+  torn last line from a killed run is dropped on the next start. At the end of a run the manifest
+  is rewritten atomically with one record per input path (the latest; a ``skipped``/``exists``
+  record does not replace an earlier ``ok`` one for the same output), sorted by path.
+* **Batches.** Images are batched per model (all of a model's images have its size once converted).
+  ``seconds`` of a file is its decode and encode time plus its share of its batch's model time.
+* **torchrun.** With ``WORLD_SIZE`` > 1, rank R takes files[R::WORLD] of the sorted list; no
+  process group is needed. ``--device cuda`` then means ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, ops
+from . import purifier as purifier_mod
+from .data import IMAGE_EXTENSIONS
+from .errors import first_line
+from .regeneration import compose
+from .surgery import saliency_gradient
+
+MODELS = ("auto", "mnist", "cifar10")
+FORMATS = ("png", "same")
+STAGES = ("decode", "saliency", "surgery", "regeneration", "classify", "encode")  # in the main thread
+WRITERS = 4  # threads writing outputs (file write, fsync, rename): "write" in the profile, overlapped
+# Pillow format and options per output extension; JPEG ("same" only) is the one lossy choice.
+_SAVE = {
+    ".png": ("PNG", {}),
+    ".bmp": ("BMP", {}),
+    ".webp": ("WEBP", {"lossless": True}),
+    ".jpg": ("JPEG", {"quality": 95}),
+    ".jpeg": ("JPEG", {"quality": 95}),
+}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_TO_RGB = ("P", "PA", "RGBX", "RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+class PurifyError(Exception):
+    """A problem with the whole run (folders, model, device): one line, the run does not start/go on."""
+
+
+class ImageError(Exception):
+    """One input file that cannot be used (one line); recorded as failed."""
+
+
+@dataclass
+class Options:
+    model: str = "auto"  # auto | mnist | cifar10 | path to a purifier checkpoint
+    classifier: str | None = None  # classifier checkpoint override (not with auto)
+    batch_size: int = 64
+    device: str = "cpu"
+    fmt: str = "png"  # png | same
+    overwrite: bool = False
+    quiet: bool = False
+    profile: bool = False
+    save_masks: bool = False  # issue 5: also write each mask (not implemented yet)
+
+
+@dataclass
+class Summary:
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    ignored: int = 0  # non-image files under IN (all ranks)
+    output: Path | None = None
+    manifest: Path | None = None
+    rank: int = 0
+    world: int = 1
+    seconds: float = 0.0
+    times: dict = field(default_factory=lambda: {s: 0.0 for s in STAGES + ("write",)})
+
+    @property
+    def images_per_second(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Folders and files
+
+
+def check_folders(in_dir, out_dir) -> tuple[Path, Path]:
+    """(IN, OUT) resolved; IN must be a folder, OUT must not be a file nor overlap IN."""
+    src, dst = Path(in_dir).expanduser(), Path(out_dir).expanduser()
+    if not src.exists():
+        raise PurifyError(f"input folder {src} does not exist")
+    if not src.is_dir():
+        raise PurifyError(f"input {src} is not a folder")
+    if dst.exists() and not dst.is_dir():
+        raise PurifyError(f"output {dst} exists and is not a folder")
+    rs, rd = src.resolve(), dst.resolve()
+    if rd == rs or rs in rd.parents:
+        raise PurifyError(f"output folder {dst} is inside the input folder {src}; choose an output outside it")
+    if rd in rs.parents:
+        raise PurifyError(f"input folder {src} is inside the output folder {dst}; outputs could overwrite inputs")
+    return src, dst
+
+
+def list_files(root: Path) -> tuple[list[str], int]:
+    """(image paths relative to root, as sorted POSIX strings; how many other files were ignored)."""
+    images, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append((rel_dir / name).as_posix())
+            else:
+                ignored += 1
+    return sorted(images), ignored
+
+
+def output_names(files: list[str], fmt: str) -> list[tuple[str | None, str | None]]:
+    """(output path relative to OUT, None) per file, or (None, error) when an earlier file owns that name."""
+    if fmt not in FORMATS:
+        raise PurifyError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    owner: dict[str, str] = {}
+    result = []
+    for rel in files:
+        out = Path(rel).with_suffix(".png").as_posix() if fmt == "png" else rel
+        key = out.lower()  # also collide on case-insensitive file systems
+        if key in owner:
+            result.append((None, f"output {out} is already the output of {owner[key]} (use --format same)"))
+        else:
+            owner[key] = rel
+            result.append((out, None))
+    return result
+
+
+def shard_from_env(env=None) -> tuple[int, int]:
+    """(rank, world size) from torchrun's RANK and WORLD_SIZE; (0, 1) without them."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1") or "1")
+        rank = int(env.get("RANK", "0") or "0")
+    except ValueError:
+        raise PurifyError(f"bad RANK/WORLD_SIZE in the environment: {env.get('RANK')!r}/{env.get('WORLD_SIZE')!r}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise PurifyError(f"bad RANK/WORLD_SIZE in the environment: rank {rank} of {world}")
+    return rank, world
+
+
+def resolve_device(name: str, env=None) -> torch.device:
+    env = os.environ if env is None else env
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PurifyError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PurifyError(f"device {name}: CUDA is not available here")
+        if device.index is None and "LOCAL_RANK" in env:
+            device = torch.device("cuda", int(env["LOCAL_RANK"]) % torch.cuda.device_count())
+    elif device.type != "cpu":
+        raise PurifyError(f"unsupported device {name!r} (use cpu, cuda or cuda:N)")
+    return device
+
+
+def _remove_stale_temps(out_dir: Path, names: list[str]) -> None:
+    """Delete temporary files (``.NAME.XXXX.tmp``, from atomic_write) that a killed run left for our outputs."""
+    by_dir: dict[Path, set[str]] = defaultdict(set)
+    for rel in names:
+        p = out_dir / rel
+        by_dir[p.parent].add(p.name)
+    for folder, own in by_dir.items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.startswith(".") and entry.endswith(".tmp") and entry[1:-4].rpartition(".")[0] in own:
+                with contextlib.suppress(OSError):
+                    os.unlink(folder / entry)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and conversion
+
+
+@dataclass
+class Decoded:
+    image: object  # PIL image in mode L, RGB or F (16-bit grey, values in [0, 255])
+    grey: bool  # every pixel has R = G = B
+    conversions: list[str]
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def decode(path: Path) -> Decoded:
+    """Decode one file into L, RGB or F (16-bit grey); raises ImageError with a one-line reason."""
+    from PIL import Image, ImageOps
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError("empty file")
+        with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            img.load()
+            img = img.copy()
+        conversions = [f"first of {frames} frames"] if frames > 1 else []
+        if img.getexif().get(0x0112, 1) not in (0, 1):
+            img = ImageOps.exif_transpose(img)
+            conversions.append("EXIF orientation applied")
+        mode = img.mode
+        if mode in _SIXTEEN_BIT:
+            a = np.asarray(img).astype(np.float32)
+            img = Image.fromarray(np.clip(a, 0, 65535) * np.float32(255 / 65535))  # mode F, [0, 255]
+            conversions.append(f"{mode}->L (16-bit, scaled to [0, 1] in full precision; output 8-bit)")
+        elif mode == "F":
+            img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32), 0, 255))
+        elif mode in ("1", "L") and not img.has_transparency_data:
+            if mode == "1":
+                img = img.convert("L")
+                conversions.append("1->L")
+        elif img.has_transparency_data or mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+            conversions.append(f"{mode}->RGB (alpha composited on white)")
+        elif mode != "RGB":
+            if mode not in _TO_RGB:
+                raise ImageError(f"unsupported image mode {mode}")
+            img = img.convert("RGB")
+            conversions.append(f"{mode}->RGB")
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        raise ImageError(f"cannot decode: {_one_line(first_line(exc))}") from None
+    if img.mode == "RGB":
+        a = np.asarray(img)
+        grey = bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+    else:
+        grey = True
+    return Decoded(img, grey, conversions)
+
+
+def prepare(decoded: Decoded, channels: int, size: int) -> tuple[np.ndarray, list[str]]:
+    """(C, size, size) float32 in [0, 1] for a model, and the conversions made."""
+    from PIL import Image
+
+    img, conversions = decoded.image, []
+    if channels == 1 and img.mode == "RGB":
+        if decoded.grey:
+            img = Image.fromarray(np.ascontiguousarray(np.asarray(img)[..., 0]))
+            conversions.append("RGB->L (all pixels grey)")
+        else:
+            img = img.convert("L")
+            conversions.append("RGB->L (luma)")
+    if img.size != (size, size):
+        (w, h) = img.size
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+        conversions.append(f"resized {w}x{h}->{size}x{size} (WxH, bilinear)")
+    a = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
+    if img.mode == "F":
+        a = np.clip(a, 0, 1)
+    if a.ndim == 2:
+        if channels == 3:
+            conversions.append("L->RGB")
+            a = np.repeat(a[None], 3, axis=0)
+        else:
+            a = a[None]
+    else:
+        a = a.transpose(2, 0, 1)
+    return np.ascontiguousarray(a), conversions
+
+
+def encode(x: torch.Tensor, suffix: str) -> bytes:
+    """One (C, H, W) image in [0, 1] as an 8-bit L or RGB file's bytes, in the format of ``suffix``."""
+    from PIL import Image
+
+    a = (x.detach().float().cpu() * 255).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    img = Image.fromarray(a[0]) if a.shape[0] == 1 else Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)))
+    fmt, kwargs = _SAVE[suffix.lower()]
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def write_output(path: Path, data: bytes) -> float:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename); returns the seconds taken.
+
+    Runs in a writer thread: the fsync is mostly waiting, which the threads overlap with the model.
+    """
+    t0 = time.perf_counter()
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    checkpoint.atomic_write(path, write)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+class ModelUnavailable(Exception):
+    """A model of `auto` that could not be loaded (the files that need it fail)."""
+
+
+@dataclass
+class Model:
+    label: str  # mnist, cifar10, or the checkpoint path
+    purifier: purifier_mod.Purifier
+    spec: purifier_mod.PurifierSpec
+    cspec: object
+    device: torch.device
+
+    @property
+    def channels(self) -> int:
+        return self.cspec.in_channels
+
+    @property
+    def size(self) -> int:
+        return self.cspec.image_size
+
+    def run(self, x: torch.Tensor, times: dict, sync: bool = False) -> dict:
+        """Purify a batch stage by stage (timed into ``times``); the same as ``Purifier.purify``."""
+        p, c = self.purifier, self.spec.surgery
+        classifier = p.classifier
+
+        def lap(stage, t0):
+            if sync and x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            t1 = time.perf_counter()
+            times[stage] += t1 - t0
+            return t1
+
+        with torch.no_grad():
+            t = time.perf_counter()
+            grad, logits_before = saliency_gradient(classifier, x)  # enables grad itself
+            t = lap("saliency", t)
+            x_s, mask = ops.pixel_surgery(x, grad, alpha=c.alpha, mode=c.mode, ratio=c.ratio, fill=c.fill,
+                                          reduce=c.reduce)
+            t = lap("surgery", t)
+            x_hat = compose(x_s, mask, p.regenerator(x_s, mask))
+            t = lap("regeneration", t)
+            logits_after = classifier(x_hat)
+            lap("classify", t)
+        before = torch.softmax(logits_before.detach().float(), 1).max(1)
+        after = torch.softmax(logits_after.float(), 1).max(1)
+        return {
+            "x_hat": x_hat, "mask": mask,
+            "removed_fraction": mask.float().mean((1, 2, 3)).tolist(),
+            "pred_before": before.indices.tolist(), "prob_before": before.values.tolist(),
+            "pred_after": after.indices.tolist(), "prob_after": after.values.tolist(),
+        }
+
+
+class Models:
+    """The models of a run, each loaded when a file first needs it."""
+
+    def __init__(self, options: Options, device: torch.device):
+        self.options, self.device = options, device
+        self.loaded: dict[str, Model] = {}
+        self.failed: dict[str, str] = {}
+        m = options.model
+        if m == "auto" and options.classifier is not None:
+            raise PurifyError("--classifier needs one model (--model mnist, cifar10 or a path), not auto")
+
+    def key_for(self, decoded: Decoded) -> str:
+        m = self.options.model
+        if m != "auto":
+            return m
+        return "mnist" if decoded.grey else "cifar10"
+
+    def get(self, key: str) -> Model:
+        if key in self.loaded:
+            return self.loaded[key]
+        if key in self.failed:
+            raise ModelUnavailable(self.failed[key])
+        try:
+            model = self._load(key)
+        except PurifyError as exc:
+            if self.options.model != "auto":
+                raise
+            self.failed[key] = str(exc)
+            raise ModelUnavailable(str(exc)) from None
+        self.loaded[key] = model
+        return model
+
+    def _load(self, key: str) -> Model:
+        if key in ("mnist", "cifar10"):
+            path = purifier_mod.shipped_path(f"purifier-{key}")
+            if not path.is_file():
+                raise PurifyError(f"the {key} purifier is not installed ({path} is missing); "
+                                  "pass --model PATH to a purifier checkpoint")
+        else:
+            path = Path(key).expanduser()
+            if not path.is_file():
+                raise PurifyError(f"purifier checkpoint {path} does not exist")
+        try:
+            p, spec, cspec = purifier_mod.load(path, self.options.classifier, self.device)
+        except checkpoint.CheckpointError as exc:
+            raise PurifyError(_one_line(exc)) from None
+        if key == "mnist" and cspec.in_channels != 1 or key == "cifar10" and cspec.in_channels != 3:
+            raise PurifyError(f"{path}: a {cspec.in_channels}-channel purifier cannot be the {key} model")
+        return Model(key, p, spec, cspec, self.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+
+def _finite(v):
+    return v if v is None or math.isfinite(v) else None
+
+
+class Manifest:
+    """Append-only JSON lines, one ``os.write`` per record; a torn last line is dropped on open."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._repair()
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def _repair(self) -> None:
+        try:
+            with open(self.path, "rb+") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                if size == 0:
+                    return
+                fh.seek(size - 1)
+                if fh.read(1) == b"\n":
+                    return
+                fh.seek(0)
+                data = fh.read()
+                fh.truncate(data.rfind(b"\n") + 1)
+        except FileNotFoundError:
+            pass
+
+    def write(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def compact(self) -> None:
+        """Rewrite atomically: one record per path, sorted (see the module docstring)."""
+        merged: dict[str, dict] = {}
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    path = rec["path"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                prev = merged.get(path)
+                if (prev is not None and prev.get("status") == "ok" and rec.get("status") == "skipped"
+                        and rec.get("error") == "exists" and prev.get("output") == rec.get("output")):
+                    continue
+                merged[path] = rec
+        text = "".join(json.dumps(merged[p], ensure_ascii=False) + "\n" for p in sorted(merged))
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+
+        checkpoint.atomic_write(self.path, write)
+
+
+def _record(rel: str) -> dict:
+    return {"path": rel, "status": None, "error": None, "model": None, "removed_fraction": None,
+            "pred_before": None, "pred_after": None, "prob_before": None, "prob_after": None,
+            "class_before": None, "class_after": None, "seconds": None, "conversions": [], "output": None}
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (torchrun, kill) unwinds like Ctrl-C, so that temporary files are removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class _Item:
+    record: dict
+    array: np.ndarray
+    out_path: Path
+    seconds: float
+
+
+def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) -> Summary:
+    """Purify every image under ``in_dir`` into ``out_dir``; see the module docstring for the rules.
+
+    Raises PurifyError for problems with the whole run; per-file problems are recorded as failed
+    and reported through ``say`` (default: one line on stderr).
+    """
+    start = time.perf_counter()
+    if options.batch_size < 1:
+        raise PurifyError("--batch-size must be >= 1")
+    src, dst = check_folders(in_dir, out_dir)
+    rank, world = shard_from_env(env)
+    device = resolve_device(options.device, env)
+    models = Models(options, device)  # checks the options; loads nothing yet
+    files, ignored = list_files(src)
+    names = output_names(files, options.fmt)
+    mine = list(zip(files, names))[rank::world]
+    if say is None:
+        def say(msg):
+            tqdm.write(f"pssr purify: {msg}", file=sys.stderr)
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest_path = dst / ("manifest.jsonl" if world == 1 else f"manifest-rank{rank}.jsonl")
+    _remove_stale_temps(dst, [out for _, (out, _) in mine if out] + [manifest_path.name])
+    summary = Summary(ignored=ignored, output=dst, manifest=manifest_path, rank=rank, world=world)
+    times = summary.times
+    pending: dict[str, list[_Item]] = defaultdict(list)
+    unavailable_said: set[str] = set()
+    show = not options.quiet and sys.stderr.isatty()
+
+    manifest = Manifest(manifest_path)
+    writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="pssr-purify-write")
+    inflight: deque[tuple[dict, object]] = deque()  # (record, future of write_output), in file order
+    max_inflight = max(2 * options.batch_size, 16)
+    bar = tqdm(total=len(mine), disable=not show, file=sys.stderr, unit="img", dynamic_ncols=True)
+
+    def finish(rec: dict) -> None:
+        manifest.write(rec)
+        setattr(summary, rec["status"], getattr(summary, rec["status"]) + 1)
+        bar.update(1)
+
+    def fail(rec: dict, error: str) -> None:
+        rec["status"], rec["error"], rec["output"] = "failed", error, None
+        say(f"failed {rec['path']}: {error}")
+        finish(rec)
+
+    def written(rec: dict, seconds: float) -> None:
+        times["write"] += seconds
+        rec["status"], rec["seconds"] = "ok", round(rec["seconds"] + seconds, 6)
+        finish(rec)
+
+    def collect(limit: int) -> None:
+        """Record the finished writes in order; wait while more than ``limit`` are in flight."""
+        while inflight and (len(inflight) > limit or inflight[0][1].done()):
+            rec, future = inflight.popleft()
+            try:
+                seconds = future.result()
+            except OSError as exc:
+                fail(rec, f"cannot write {rec['output']}: {_one_line(first_line(exc))}")
+                continue
+            written(rec, seconds)
+
+    def flush(key: str) -> None:
+        items = pending.pop(key, [])
+        if not items:
+            return
+        model = models.loaded[key]
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.stack([it.array for it in items])).to(device)
+        times["decode"] += time.perf_counter() - t0
+        t_model = time.perf_counter()
+        out = model.run(x, times, sync=options.profile)
+        share = (time.perf_counter() - t_model) / len(items)
+        classes = tuple(getattr(model.cspec, "classes", ()) or ())
+        for i, it in enumerate(items):
+            rec = it.record
+            t_enc = time.perf_counter()
+            data = encode(out["x_hat"][i], it.out_path.suffix)
+            # issue 5's --save-masks goes here: encode out["mask"][i] and submit its write too
+            dt = time.perf_counter() - t_enc
+            times["encode"] += dt
+            pb, pa = out["pred_before"][i], out["pred_after"][i]
+            rec.update(
+                removed_fraction=_finite(out["removed_fraction"][i]), pred_before=pb, pred_after=pa,
+                prob_before=_finite(out["prob_before"][i]), prob_after=_finite(out["prob_after"][i]),
+                class_before=classes[pb] if pb < len(classes) else None,
+                class_after=classes[pa] if pa < len(classes) else None,
+                seconds=it.seconds + share + dt,
+            )
+            inflight.append((rec, writer.submit(write_output, it.out_path, data)))
+        collect(max_inflight)
+
+    try:
+        with _sigterm_as_exit():
+            for rel, (out_rel, clash) in mine:
+                t0 = time.perf_counter()
+                rec = _record(rel)
+                if clash:
+                    fail(rec, clash)
+                    continue
+                out_path = dst / out_rel
+                rec["output"] = out_rel
+                if out_path.is_dir():
+                    fail(rec, f"output {out_rel} is a folder")
+                    continue
+                if out_path.exists() and not options.overwrite:
+                    rec["status"], rec["error"] = "skipped", "exists"
+                    finish(rec)
+                    continue
+                try:
+                    decoded = decode(src / rel)
+                except ImageError as exc:
+                    times["decode"] += time.perf_counter() - t0
+                    fail(rec, str(exc))
+                    continue
+                key = models.key_for(decoded)
+                t_load = time.perf_counter()
+                try:
+                    model = models.get(key)
+                except ModelUnavailable as exc:
+                    rec["model"], rec["output"] = key, None
+                    rec["status"], rec["error"] = "failed", f"model {key} unavailable: {exc}"
+                    if key not in unavailable_said:
+                        unavailable_said.add(key)
+                        say(f"the {key} model is unavailable, so its images fail: {exc}")
+                    finish(rec)
+                    continue
+                t_loaded = time.perf_counter()
+                array, more = prepare(decoded, model.channels, model.size)
+                rec["model"] = model.label
+                rec["conversions"] = decoded.conversions + more
+                t1 = time.perf_counter()
+                times["decode"] += (t1 - t0) - (t_loaded - t_load)
+                pending[key].append(_Item(rec, array, out_path, (t1 - t0) - (t_loaded - t_load)))
+                if len(pending[key]) >= options.batch_size:
+                    flush(key)
+            for key in list(pending):
+                flush(key)
+            collect(0)
+    finally:
+        # after an error or an interrupt: wait for the writes under way (each file is whole or absent),
+        # drop the queued ones, and record the outputs that were written
+        writer.shutdown(wait=True, cancel_futures=True)
+        for rec, future in inflight:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                written(rec, future.result())
+        bar.close()
+        manifest.close()
+    manifest.compact()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def format_profile(summary: Summary) -> str:
+    """The per-stage time breakdown of a run (``--profile``)."""
+    total = summary.seconds
+    n = max(summary.ok, 1)
+    lines = [f"profile: {summary.ok} images purified in {total:.3f} s = {summary.images_per_second:.1f} images/s"
+             + (f" (rank {summary.rank} of {summary.world})" if summary.world > 1 else "")]
+    staged = 0.0
+    for stage in STAGES:
+        t = summary.times[stage]
+        staged += t
+        lines.append(f"  {stage:<13}{t:9.3f} s {100 * t / total if total else 0:6.1f}% {1000 * t / n:9.3f} ms/image")
+    other = max(total - staged, 0.0)
+    lines.append(f"  {'other':<13}{other:9.3f} s {100 * other / total if total else 0:6.1f}%"
+                 "   (listing, model loading, manifest, waiting for writes)")
+    w = summary.times["write"]
+    lines.append(f"  {'write':<13}{w:9.3f} s {'':7} {1000 * w / n:9.3f} ms/image"
+                 f"   (file, fsync and rename in {WRITERS} background threads, overlapping the stages above)")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""`pssr train`: a short real run lowers the loss, resume is exact, DDP runs on 2 CPU processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from pssr import attacks, classifiers, purifier, train_purifier
+from pssr.config import ConfigError
+from pssr.data import load_dataset
+from pssr.regeneration import Regenerator, RegeneratorSpec
+from pssr.surgery import PixelSurgery
+from pssr_cli.main import cli
+
+DATA = "../shared/data"
+TINY = ["data.train_limit=64", "data.test_limit=16", "train.batch_size=16", "regenerator.width=8",
+        "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=0", "attack=pgd:steps=3"]
+
+
+def tiny_config(*extra):
+    return train_purifier.load_config("mnist", [*TINY, *extra])
+
+
+def test_presets_load_and_bad_configs_are_rejected():
+    for name in ("mnist", "cifar10"):
+        cfg = train_purifier.load_config(name)
+        assert cfg.classifier == name and cfg.attack.startswith("pgd")
+    with pytest.raises(ConfigError, match="unknown key.*lossy"):
+        train_purifier.load_config("mnist", ["lossy.pixel=1"])
+    with pytest.raises(ConfigError, match="surgery.alpha: must be a number"):
+        train_purifier.load_config("mnist", ["surgery.alpha=lots"])
+    with pytest.raises(ConfigError, match="mean or topk|must be one of"):
+        train_purifier.load_config("mnist", ["surgery.mode=median"])
+    with pytest.raises(ConfigError, match="loss weights"):
+        train_purifier.load_config("mnist", ["loss.rdrop=-1"])
+
+
+def test_training_attack_must_be_pgd(tmp_path):
+    with pytest.raises(train_purifier.TrainError, match="must be PGD"):
+        train_purifier.run(tiny_config("attack=fgsm"), tmp_path / "r", data_root=DATA, quiet=True)
+
+
+def test_short_real_run_lowers_the_loss(tmp_path):
+    """40 steps on 256 MNIST images: the loss on a fixed held-out batch falls."""
+    torch.set_num_threads(1)
+    f, _ = classifiers.load(purifier.shipped_path("classifier-mnist"))
+    test = load_dataset("mnist", DATA, "test").subset(64)
+    x, y = test.images.float() / 255, test.labels
+    x_adv = attacks.run_attack(attacks.parse_attack("pgd:steps=3", "mnist"), f, x, y, seed=1)
+    cfg = tiny_config("data.train_limit=256", "train.epochs=3", "train.lr=0.005", "regenerator.dropout=0.0")
+    surgery = PixelSurgery(f, cfg.surgery)
+
+    def held_out_loss(G):
+        G.eval()
+        with torch.no_grad():
+            return train_purifier.step_loss(f, surgery, G, x, y, x_adv, cfg.loss)[1]["loss"]
+
+    torch.manual_seed(cfg.train.seed)
+    before = held_out_loss(Regenerator(RegeneratorSpec(1, 8, 0.0)))
+    out = tmp_path / "run"
+    summary = train_purifier.run(cfg, out, data_root=DATA, quiet=True)
+    assert summary["steps"] == 48
+    trained, spec, _ = purifier.load(out / "purifier.safetensors")
+    after = held_out_loss(trained.regenerator)
+    assert after < 0.7 * before, (before, after)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 48 and all(k in log[0] for k in ("pixel", "semantic", "rdrop", "lr"))
+    assert log[-1]["final"] and 0 <= log[-1]["watch_pgd_acc"] <= 1
+    assert spec.extra["steps"] == 48 and "PGD" in spec.extra["attack"]
+
+
+def test_resume_is_exact(tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_config("train.epochs=2")  # 4 steps an epoch
+    straight = tmp_path / "straight"
+    train_purifier.run(cfg, straight, data_root=DATA, quiet=True)
+
+    resumed = tmp_path / "resumed"
+    stop = tiny_config("train.epochs=2", "train.stop_after_steps=3")
+    first = train_purifier.run(stop, resumed, data_root=DATA, quiet=True)
+    assert first["stopped_at_step"] == 3
+    with pytest.raises(train_purifier.TrainError, match="already holds a run"):
+        train_purifier.run(stop, resumed, data_root=DATA, quiet=True)
+    with pytest.raises(train_purifier.TrainError, match="another config"):
+        train_purifier.run(tiny_config("train.epochs=2", "loss.rdrop=0.5"), resumed, resume=True, data_root=DATA,
+                           quiet=True)
+    train_purifier.run(stop, resumed, resume=True, data_root=DATA, quiet=True)  # 3 more steps
+    train_purifier.run(cfg, resumed, resume=True, data_root=DATA, quiet=True)  # the last 2
+    a = load_file(str(straight / "purifier.safetensors"))
+    b = load_file(str(resumed / "purifier.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_train_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", "mnist", "--out", str(tmp_path / "x"), "--data-root", DATA, "--resume"])
+    assert r.exit_code == 1 and "no " in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["train", "nonesuch.yaml", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "no such config file" in r.output
+    r = runner.invoke(cli, ["train", "mnist", "--set", "classifier=missing.safetensors", "--data-root", DATA,
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "no such shipped classifier or file" in r.output
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun with 2 gloo processes: each takes half of every batch; rank 0 checkpoints; resumes."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun comes with torch"
+    out = tmp_path / "ddp"
+    base = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "pssr_cli.main", "train", "mnist",
+            "--data-root", DATA, "--out", str(out), "-q", *sum((["--set", s] for s in TINY), []),
+            "--set", "train.epochs=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*base, "--set", "train.stop_after_steps=3"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stopped at step 3/8" in r.stdout
+    r = subprocess.run([*base, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [rec["step"] for rec in log if "loss" in rec]
+    assert steps == list(range(1, 9)) and all(rec["world"] == 2 for rec in log if "loss" in rec)
+    p, _, _ = purifier.load(out / "purifier.safetensors")
+    assert all(torch.isfinite(t).all() for t in p.regenerator.state_dict().values())
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
