@@ -32,7 +32,7 @@ def purify_command(in_dir, out_dir, model, classifier_path, batch_size, device, 
 
     \b
     Inputs: .png .jpg .jpeg .bmp .webp (any case) in IN and its sub-folders;
-    other files are ignored (counted in the summary), hidden ones too. Any
+    other files (counted in the summary) and hidden ones are ignored. Any
     Pillow mode works: alpha is composited on white, 16-bit grey is used in
     full precision, palette/CMYK/... become RGB, a colour image becomes luma
     for a greyscale model and a grey one is repeated to RGB for a colour model.

@@ -1,9 +1,10 @@
 """`pssr purify IN OUT`: purify every image of a folder tree into another one, with a manifest.
 
-Every image file under IN (recursively; .png .jpg .jpeg .bmp .webp in any case, hidden files and
-folders skipped) is decoded with Pillow, purified (Pixel Surgery, then Semantic Regeneration) and
-written under OUT at the same relative path, as a lossless PNG by default. One JSON line per input
-file goes to ``OUT/manifest.jsonl`` (``manifest-rank{R}.jsonl`` under torchrun).
+Every image file under IN (recursively; .png .jpg .jpeg .bmp .webp in any case; hidden files and
+folders skipped; symbolic links followed, each real folder once and never into OUT) is decoded
+with Pillow, purified (Pixel Surgery, then Semantic Regeneration) and written under OUT at the
+same relative path, as a lossless PNG by default. One JSON line per input file goes to
+``OUT/manifest.jsonl`` (``manifest-rank{R}.jsonl`` under torchrun).
 
 Choices, stated once (the CLI's help repeats them):
 
@@ -28,17 +29,20 @@ Choices, stated once (the CLI's help repeats them):
 * **Non-image files** (by extension) are ignored: not in the manifest, only counted in the summary.
   A file with an image extension that cannot be decoded (corrupt, empty, not an image, unsupported
   mode) is reported on stderr and recorded as ``failed``; the others are still processed.
-* **Outputs** are written atomically (temporary name in the same folder, then rename) and never
-  overwritten without ``overwrite`` (status ``skipped``, error ``exists``), so a run killed halfway
-  leaves no partial file and a rerun finishes the rest. With ``fmt="png"`` two inputs that differ
-  only in extension (``a.jpg``, ``a.png``) would share ``a.png``: the first (sorted) one wins, the
-  others fail with a message naming it (use ``fmt="same"``).
+* **Outputs** are written atomically (temporary name in the same folder, fsync, then rename; in
+  background threads, since the fsync is mostly waiting) and never overwritten without
+  ``overwrite`` (status ``skipped``, error ``exists``), so a run killed halfway leaves no partial
+  file and a rerun finishes the rest (it also deletes the temporary files that a hard kill may
+  leave for its own outputs). With ``fmt="png"`` two inputs that differ only in extension
+  (``a.jpg``, ``a.png``) would share ``a.png``: the first (sorted) one wins, the others fail with
+  a message naming it (use ``fmt="same"``).
 * **Manifest.** Records are appended one whole line per write (and flushed) while the run goes; a
   torn last line from a killed run is dropped on the next start. At the end of a run the manifest
   is rewritten atomically with one record per input path (the latest; a ``skipped``/``exists``
   record does not replace an earlier ``ok`` one for the same output), sorted by path.
 * **Batches.** Images are batched per model (all of a model's images have its size once converted).
-  ``seconds`` of a file is its decode and encode time plus its share of its batch's model time.
+  ``seconds`` of an ``ok`` file is its decode, encode and write time plus its share of its batch's
+  model time (null for the others).
 * **torchrun.** With ``WORLD_SIZE`` > 1, rank R takes files[R::WORLD] of the sorted list; no
   process group is needed. ``--device cuda`` then means ``cuda:LOCAL_RANK``.
 """
@@ -63,12 +67,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, ops
+from . import checkpoint
 from . import purifier as purifier_mod
 from .data import IMAGE_EXTENSIONS
 from .errors import first_line
 from .regeneration import compose
-from .surgery import saliency_gradient
 
 MODELS = ("auto", "mnist", "cifar10")
 FORMATS = ("png", "same")
@@ -146,10 +149,21 @@ def check_folders(in_dir, out_dir) -> tuple[Path, Path]:
     return src, dst
 
 
-def list_files(root: Path) -> tuple[list[str], int]:
-    """(image paths relative to root, as sorted POSIX strings; how many other files were ignored)."""
+def list_files(root: Path, exclude: Path | None = None) -> tuple[list[str], int]:
+    """(image paths relative to root, as sorted POSIX strings; how many other files were ignored).
+
+    Symbolic links are followed, each real folder once (no loops); ``exclude`` (OUT) and what is
+    under it are never entered, even through a link.
+    """
     images, ignored = [], 0
+    seen: set[str] = set()
+    excluded = os.path.realpath(exclude) if exclude is not None else None
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or excluded and (real == excluded or real.startswith(excluded + os.sep)):
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(root)
         for name in filenames:
@@ -170,11 +184,10 @@ def output_names(files: list[str], fmt: str) -> list[tuple[str | None, str | Non
     result = []
     for rel in files:
         out = Path(rel).with_suffix(".png").as_posix() if fmt == "png" else rel
-        key = out.lower()  # also collide on case-insensitive file systems
-        if key in owner:
-            result.append((None, f"output {out} is already the output of {owner[key]} (use --format same)"))
+        if out in owner:
+            result.append((None, f"output {out} is already the output of {owner[out]} (use --format same)"))
         else:
-            owner[key] = rel
+            owner[out] = rel
             result.append((out, None))
     return result
 
@@ -186,7 +199,8 @@ def shard_from_env(env=None) -> tuple[int, int]:
         world = int(env.get("WORLD_SIZE", "1") or "1")
         rank = int(env.get("RANK", "0") or "0")
     except ValueError:
-        raise PurifyError(f"bad RANK/WORLD_SIZE in the environment: {env.get('RANK')!r}/{env.get('WORLD_SIZE')!r}") from None
+        raise PurifyError(f"bad RANK/WORLD_SIZE in the environment: "
+                          f"{env.get('RANK')!r}/{env.get('WORLD_SIZE')!r}") from None
     if world < 1 or not 0 <= rank < world:
         raise PurifyError(f"bad RANK/WORLD_SIZE in the environment: rank {rank} of {world}")
     return rank, world
@@ -252,7 +266,11 @@ def decode(path: Path) -> Decoded:
             img.load()
             img = img.copy()
         conversions = [f"first of {frames} frames"] if frames > 1 else []
-        if img.getexif().get(0x0112, 1) not in (0, 1):
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # an unreadable EXIF block does not make the picture unusable
+            orientation = 1
+        if orientation in range(2, 9):
             img = ImageOps.exif_transpose(img)
             conversions.append("EXIF orientation applied")
         mode = img.mode
@@ -370,7 +388,7 @@ class Model:
 
     def run(self, x: torch.Tensor, times: dict, sync: bool = False) -> dict:
         """Purify a batch stage by stage (timed into ``times``); the same as ``Purifier.purify``."""
-        p, c = self.purifier, self.spec.surgery
+        p = self.purifier
         classifier = p.classifier
 
         def lap(stage, t0):
@@ -382,10 +400,9 @@ class Model:
 
         with torch.no_grad():
             t = time.perf_counter()
-            grad, logits_before = saliency_gradient(classifier, x)  # enables grad itself
+            grad, logits_before = p.surgery.saliency(x)  # enables grad itself
             t = lap("saliency", t)
-            x_s, mask = ops.pixel_surgery(x, grad, alpha=c.alpha, mode=c.mode, ratio=c.ratio, fill=c.fill,
-                                          reduce=c.reduce)
+            x_s, mask = p.surgery.cut(x, grad)
             t = lap("surgery", t)
             x_hat = compose(x_s, mask, p.regenerator(x_s, mask))
             t = lap("regeneration", t)
@@ -566,14 +583,18 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
     rank, world = shard_from_env(env)
     device = resolve_device(options.device, env)
     models = Models(options, device)  # checks the options; loads nothing yet
-    files, ignored = list_files(src)
+    files, ignored = list_files(src, exclude=dst)
     names = output_names(files, options.fmt)
     mine = list(zip(files, names))[rank::world]
     if say is None:
         def say(msg):
             tqdm.write(f"pssr purify: {msg}", file=sys.stderr)
-    dst.mkdir(parents=True, exist_ok=True)
     manifest_path = dst / ("manifest.jsonl" if world == 1 else f"manifest-rank{rank}.jsonl")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(manifest_path)
+    except OSError as exc:
+        raise PurifyError(f"cannot write the manifest {manifest_path}: {_one_line(first_line(exc))}") from None
     _remove_stale_temps(dst, [out for _, (out, _) in mine if out] + [manifest_path.name])
     summary = Summary(ignored=ignored, output=dst, manifest=manifest_path, rank=rank, world=world)
     times = summary.times
@@ -581,7 +602,6 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
     unavailable_said: set[str] = set()
     show = not options.quiet and sys.stderr.isatty()
 
-    manifest = Manifest(manifest_path)
     writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="pssr-purify-write")
     inflight: deque[tuple[dict, object]] = deque()  # (record, future of write_output), in file order
     max_inflight = max(2 * options.batch_size, 16)
@@ -622,7 +642,11 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
         x = torch.from_numpy(np.stack([it.array for it in items])).to(device)
         times["decode"] += time.perf_counter() - t0
         t_model = time.perf_counter()
-        out = model.run(x, times, sync=options.profile)
+        try:
+            out = model.run(x, times, sync=options.profile)
+        except RuntimeError as exc:  # e.g. out of memory: the whole run's problem, not one file's
+            raise PurifyError(f"purifying a batch of {len(items)} images with the {model.label} model failed: "
+                              f"{_one_line(first_line(exc))} (try a smaller --batch-size)") from None
         share = (time.perf_counter() - t_model) / len(items)
         classes = tuple(getattr(model.cspec, "classes", ()) or ())
         for i, it in enumerate(items):

@@ -83,14 +83,21 @@ class PixelSurgery(nn.Module):
             raise ValueError(f"unknown surgery gradient {gradient!r}; choose one of {', '.join(GRADIENTS)}")
         if gradient == "soft":
             return self.soft(x)
-        c = self.config
-        grad, logits = saliency_gradient(self.classifier, x)
-        x_in = x if gradient == "mask-fixed" else x.detach()
-        x_s, mask = ops.pixel_surgery(x_in, grad, alpha=c.alpha, mode=c.mode, ratio=c.ratio, fill=c.fill,
-                                      reduce=c.reduce)
+        grad, logits = self.saliency(x)
+        x_s, mask = self.cut(x if gradient == "mask-fixed" else x.detach(), grad)
         if gradient == "bpda":
             x_s = straight_through(x, x_s)
-        return x_s, mask, logits.detach()
+        return x_s, mask, logits
+
+    def saliency(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, logits of f(x)), both detached: the first of the surgery's two stages."""
+        grad, logits = saliency_gradient(self.classifier, x)
+        return grad, logits.detach()
+
+    def cut(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_s, mask) by the fused op with this surgery's settings: the second stage."""
+        c = self.config
+        return ops.pixel_surgery(x, grad, alpha=c.alpha, mode=c.mode, ratio=c.ratio, fill=c.fill, reduce=c.reduce)
 
     def soft(self, x: torch.Tensor):
         """The differentiable relaxation: (x_s, soft mask in [0, 1] (B, 1, H, W), logits)."""

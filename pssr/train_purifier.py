@@ -307,7 +307,6 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     # the accuracy to watch: purified clean test images and transferred PGD (made on f once)
     x_test = test.images.float().div_(255).to(dd.device)
     y_test = test.labels.to(dd.device)
-    watch = {}
     if dd.main:
         watch_attack = attacks.preset("pgd", cspec.dataset or dataset)
         x_test_adv = attacks.run_attack(watch_attack, f, x_test, y_test, seed=_seed(tc.seed, 7))
