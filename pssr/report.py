@@ -19,6 +19,9 @@ THREAT_NOTES = {
                  "purified and classified (transfer); for 'none' this is the white-box attack",
     "bpda": "attack on classifier(defense(x)): the real defense forward, straight-through (BPDA) backward "
             "for non-differentiable defenses; gradient-free attacks query the defended model",
+    "mask-fixed": "PSSR: the surgery's own gradient (1 - mask, the mask held fixed), through the regenerator and f",
+    "soft-mask": "PSSR: the surgery threshold relaxed to a sigmoid and differentiated through the saliency "
+                 "gradient itself (full adaptive attack)",
     "eot": "randomized defenses only: gradients averaged over {eot} draws of the defense (EOT), with BPDA",
 }
 
@@ -38,7 +41,9 @@ def _num(value: float) -> str:
 def _header(doc: dict) -> list[str]:
     c, k = doc["config"], doc["classifier"]
     n, m = c.get("n"), c.get("n_expensive")
-    expensive = ", ".join(["AutoAttack", "Square", "EOT", *c.get("expensive_defenses", [])])
+    threats = {"eot": "EOT", "soft-mask": "soft-mask"}
+    expensive = ", ".join(["AutoAttack", "Square", *(threats[t] for t in c.get("expensive_threats", ["eot"])),
+                           *c.get("expensive_defenses", [])])
     return [
         f"pssr eval · {k.get('arch')} classifier {k.get('path')} (weights sha256 {str(k.get('sha256'))[:12]})",
         f"data: {c.get('dataset')} test, first {n} images ({expensive}: first {m}) · seed {doc['seed']} · "
