@@ -19,15 +19,17 @@ from pssr.data import DataError
 @click.option("--data-root", type=click.Path(file_okay=False), envvar="PSSR_DATA_ROOT",
               help="Folder holding the data sets (also $PSSR_DATA_ROOT).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out exactly where it stopped.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when there is a GPU), cpu or cuda; under torchrun cuda means cuda:LOCAL_RANK.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or check lines (the JSONL log is still written).")
-def train_command(config_source, overrides, out_dir, data_root, resume, quiet):
+def train_command(config_source, overrides, out_dir, data_root, resume, device, quiet):
     """Train a PSSR purifier for a frozen classifier from CONFIG: a preset (mnist, cifar10) or a YAML file.
 
     Adversarial examples are made on the fly against the undefended classifier with the
     training attack (PGD only). Writes OUT/purifier.safetensors (G's weights, the surgery
     settings and the sha256 of the classifier it belongs to), OUT/log.jsonl and
     OUT/state.safetensors (resume state, saved atomically every train.checkpoint_every steps,
-    at each epoch's end and on Ctrl-C).
+    at each epoch's end, and at the next step boundary on Ctrl-C or SIGTERM).
 
     \b
     On several processes or machines (each takes its share of every batch):
@@ -39,7 +41,8 @@ def train_command(config_source, overrides, out_dir, data_root, resume, quiet):
         with train_purifier.distributed_cleanup():
             dataset = cfg.data.dataset or ("mnist" if "mnist" in cfg.classifier.lower() else "cifar10")
             out_dir = out_dir or f"runs/purifier-{dataset}"
-            summary = train_purifier.run(cfg, out_dir, resume=resume, data_root=data_root, quiet=quiet)
+            summary = train_purifier.run(cfg, out_dir, resume=resume, data_root=data_root, quiet=quiet,
+                                            device=device)
     except (config.ConfigError, train_purifier.TrainError, DataError, CheckpointError, AttackError) as exc:
         raise click.ClickException(str(exc)) from None
     if int(os.environ.get("RANK", "0")) != 0:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 
 def pixel(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 to the clean image, summed over pixels and channels, averaged over images and pixels."""
+    """‖x̂ − x‖₁ averaged over every pixel and channel (DESIGN §2.2). Kept pixels of x̂_adv add a
+    constant |x_adv − x| with no gradient, so G's pixel gradient scales with the removed fraction."""
     return (x_hat - x).abs().mean()
 
 

@@ -169,7 +169,8 @@ class PssrDefense(Defense):
         try:
             tensors, info = checkpoint.load(path, kind=KIND)
             spec = read_spec(info, path)
-            self.purifier = bind(classifier, cspec, tensors, spec, path, "the evaluated classifier")[0]
+            device = next(iter(classifier.parameters())).device
+            self.purifier = bind(classifier, cspec, tensors, spec, path, "the evaluated classifier", device)[0]
         except checkpoint.CheckpointError as exc:
             raise DefenseError(f"pssr: {exc}") from None
 

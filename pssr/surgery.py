@@ -9,9 +9,9 @@ How an attacker differentiates the surgery is a choice, not a fact, so it is exp
 
 ``mask-fixed``  the op's own autograd: ∂x_s/∂x = 1 − mask (the true gradient, mask held fixed).
 ``bpda``        straight-through: ∂x_s/∂x = I (BPDA with the identity).
-``soft``        the hard threshold replaced by σ((s − τ)/T) and differentiated through the
-                saliency gradient itself (``create_graph=True``): the full adaptive attack.
-                Its forward value is a relaxation of the real defense (used only to attack it).
+``soft``        the hard threshold's gradient replaced by that of σ((s − τ)/T), differentiated
+                through the saliency gradient itself (``create_graph=True``): the full adaptive
+                attack. The forward value stays exactly the real defense's.
 """
 
 from __future__ import annotations
@@ -51,23 +51,38 @@ class SurgeryConfig:
 
 
 def saliency_gradient(classifier: nn.Module, x: torch.Tensor, *, create_graph: bool = False):
-    """(g, logits) with g = ∂ log softmax(f(x))[ŷ] / ∂x, ŷ = argmax f(x), per image.
+    """(g, logits): per image, the gradient of log p(ŷ | x) up to a positive factor, ŷ = argmax f(x).
 
-    Without ``create_graph`` the gradient is taken at a detached copy of x (no graph to the
-    caller); with it, g stays a differentiable function of x (for the soft adaptive attack).
+    g = ∂/∂x [l_ŷ − logsumexp_{j≠ŷ} l_j] = ∂ log p(ŷ|x)/∂x ÷ (1 − p_ŷ). The factor is the same for
+    every pixel of an image, so the mask (relative threshold or top-k) is the one DESIGN §2.1
+    defines; differentiating log p itself loses the ∇l_ŷ term in float32 once p_ŷ rounds to 1,
+    as it does on confidently classified images. Without ``create_graph`` the gradient is taken
+    at a detached copy of x (no graph to the caller); with it, g stays a differentiable function
+    of x (for the soft adaptive attack).
     """
     with torch.enable_grad():
         xin = x if create_graph and x.requires_grad else x.detach().requires_grad_(True)
         logits = classifier(xin)
-        pred = logits.argmax(1)
-        log_p = F.log_softmax(logits, dim=1).gather(1, pred[:, None]).sum()
-        (grad,) = torch.autograd.grad(log_p, xin, create_graph=create_graph)
+        pred = logits.argmax(1, keepdim=True)
+        others = logits.masked_fill(F.one_hot(pred[:, 0], logits.shape[1]).bool(), float("-inf"))
+        margin = (logits.gather(1, pred)[:, 0] - others.logsumexp(1)).sum()
+        (grad,) = torch.autograd.grad(margin, xin, create_graph=create_graph)
     return grad, logits
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """y in the forward pass, the identity (∂/∂x = I) in the backward pass."""
-    return x + (y - x).detach()
+    """Exactly y in the forward pass, the identity (∂/∂x = I) in the backward pass."""
+    return _StraightThrough.apply(x, y.detach())
 
 
 class PixelSurgery(nn.Module):
@@ -100,9 +115,15 @@ class PixelSurgery(nn.Module):
         return ops.pixel_surgery(x, grad, alpha=c.alpha, mode=c.mode, ratio=c.ratio, fill=c.fill, reduce=c.reduce)
 
     def soft(self, x: torch.Tensor):
-        """The differentiable relaxation: (x_s, soft mask in [0, 1] (B, 1, H, W), logits)."""
+        """The real surgery forward, a relaxed backward: (x_s, mask as 0./1. floats, logits).
+
+        Forward: exactly the hard mask of the op, so G and f see what the real defense makes (and
+        an attack's own success checks are made on the real defense). Backward: through
+        σ((s − τ)/T) and through the saliency gradient s itself (``create_graph=True``).
+        """
         c = self.config
         grad, logits = saliency_gradient(self.classifier, x, create_graph=True)
+        _, hard = self.cut(x.detach(), grad.detach())
         g = grad.abs()
         s = g.amax(1) if c.reduce == "max" else g.sum(1)  # (B, H, W)
         flat = s.flatten(1)
@@ -116,7 +137,7 @@ class PixelSurgery(nn.Module):
             hi = top[:, max(k - 1, 0)] if k > 0 else top[:, 0] + scale
             lo = top[:, k] if k < top.shape[1] else top[:, -1] - scale
             tau = 0.5 * (hi + lo)
-        soft = torch.sigmoid((s - tau[:, None, None]) / (c.soft_temperature * scale[:, None, None]))
-        m = soft[:, None]
+        soft = torch.sigmoid((s - tau[:, None, None]) / (c.soft_temperature * scale[:, None, None]))[:, None]
+        m = hard.to(x.dtype) + (soft - soft.detach())  # value: the hard mask; gradient: the sigmoid's
         x_s = (1 - m) * x + m * c.fill
         return x_s, m, logits.detach()

@@ -11,7 +11,8 @@ Per step, for a batch of clean training images (DESIGN.md §2.2):
 
 Resumable exactly: the shuffle, the attack's random starts and the dropout draws are seeded from
 (seed, epoch, step, rank), the learning rate is a function of the step, and the state (G and Adam)
-is saved atomically as safetensors. Distributed with `torchrun` (DistributedDataParallel; gloo on
+is saved atomically as safetensors, at checkpoints and at the step boundary after a Ctrl-C or
+SIGTERM (`pssr.interrupt`). Distributed with `torchrun` (DistributedDataParallel; gloo on
 CPU, nccl on GPU): each rank takes its share of every batch, rank 0 logs and checkpoints.
 """
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from . import attacks, checkpoint, classifiers, config, losses, purifier
 from .data import load_dataset
+from .interrupt import GracefulStop
 from .regeneration import Regenerator, RegeneratorSpec, compose
 from .surgery import PixelSurgery, SurgeryConfig
 from .train_classifier import Logger, _generator, lr_at
@@ -129,13 +131,20 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed() -> Dist:
-    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
+def init_distributed(device: str = "auto") -> Dist:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise.
+
+    ``device``: auto (CUDA when there is a GPU), cpu, or cuda (under torchrun: cuda:LOCAL_RANK).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA device here")
     if world <= 1:
-        return Dist()
+        return Dist(device=torch.device(device if device.startswith("cuda") else "cuda") if use_cuda
+                    else torch.device("cpu"))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if use_cuda:
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:
@@ -198,13 +207,17 @@ def watched_accuracy(surgery: PixelSurgery, regenerator, x, y, batch_size: int =
     return correct / max(1, len(y))
 
 
+def _has_dropout(G) -> bool:
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in G.modules())
+
+
 def step_loss(f, surgery: PixelSurgery, G, x, y, x_adv, lc: LossConfig) -> tuple[torch.Tensor, dict]:
     """The training loss of one batch and its terms (floats), G in training mode."""
     with torch.no_grad():
         xs_a, m_a, _ = surgery(x_adv)
         target_features = f.features(x)
     parts_x, parts_m, names = [xs_a], [m_a], ["adv"]
-    if lc.rdrop > 0:
+    if lc.rdrop > 0 and _has_dropout(G):  # without dropout the second pass would equal the first
         parts_x.append(xs_a), parts_m.append(m_a), names.append("adv2")
     if lc.clean_path:
         with torch.no_grad():
@@ -246,9 +259,10 @@ def _defining(resolved: dict) -> dict:
 # The run
 
 
-def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, quiet: bool = False) -> dict:
+def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, quiet: bool = False,
+        device: str = "auto") -> dict:
     """Train; returns the summary (watched accuracies, paths, time). Raises TrainError."""
-    dd = init_distributed()
+    dd = init_distributed(device)
     out = Path(out_dir)
     state_path, final_path, log_path = out / "state.safetensors", out / "purifier.safetensors", out / "log.jsonl"
     resolved = config.to_dict(cfg)
@@ -285,6 +299,7 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     if tc.max_steps is not None:
         total = min(total, tc.max_steps)
 
+    classifier_sha = checkpoint.weights_sha256(f.state_dict())
     torch.manual_seed(tc.seed)  # initial weights, the same on every rank
     rspec = RegeneratorSpec(C, cfg.regenerator.width, cfg.regenerator.dropout)
     G = Regenerator(rspec).to(dd.device)
@@ -295,6 +310,11 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
         tensors, info = checkpoint.load(state_path, kind=STATE_KIND)
         if _defining(info["config"]) != _defining(resolved):
             raise TrainError(f"--resume: {out} was started with another config; use the same --set options")
+        if info.get("classifier_sha256") != classifier_sha:
+            raise TrainError(f"--resume: {out} was started with another classifier than {cpath}")
+        if info.get("world") != dd.world:
+            raise TrainError(f"--resume: {out} was started on {info.get('world')} process(es), this is {dd.world}; "
+                             f"every random draw depends on the process count, so resume with the same")
         _restore(G, optimizer, tensors)
         step = int(info["step"])
     model = G
@@ -320,12 +340,14 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     def save_state():
         if dd.main:
             checkpoint.save(state_path, _state_tensors(G, optimizer),
-                            {"kind": STATE_KIND, "step": step, "config": resolved, "world": dd.world})
+                            {"kind": STATE_KIND, "step": step, "config": resolved, "world": dd.world,
+                             "classifier_sha256": classifier_sha})
         dd.barrier()
 
     started, run_steps = time.time(), 0
     show = dd.main and not quiet and sys.stderr.isatty()
-    with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar, \
+            GracefulStop(dd.world) as stop:
         log = Logger(log_path, bar, quiet) if dd.main else (lambda *a, **k: None)
         G.train()
         try:
@@ -361,16 +383,19 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                 if tc.stop_after_steps is not None and run_steps >= tc.stop_after_steps and step < total:
                     save_state()
                     return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
-        except KeyboardInterrupt:
-            save_state()
-            raise TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume") from None
+                if stop.should_stop() and step < total:
+                    save_state()
+                    raise TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume")
+        except KeyboardInterrupt:  # a second Ctrl-C: maybe mid-step, so the last checkpoint stands
+            raise TrainError(f"interrupted during step {step + 1}/{total}; rerun with --resume to continue from "
+                             f"the last checkpoint") from None
 
     seconds = time.time() - started
     summary = {"checkpoint": str(final_path), "seconds": seconds, "steps": total, "world": dd.world}
     if dd.main:
         final = check(epoch=(total - 1) // steps_per_epoch)
         spec = purifier.PurifierSpec(
-            regenerator=rspec, surgery=cfg.surgery, classifier_sha256=checkpoint.weights_sha256(f.state_dict()),
+            regenerator=rspec, surgery=cfg.surgery, classifier_sha256=classifier_sha,
             classifier_file=cpath.name, dataset=cspec.dataset or dataset,
             extra={"watch_clean_acc": final["watch_clean_acc"], "watch_pgd_acc": final["watch_pgd_acc"],
                    "watch_n": final["watch_n"], "steps": total, "seed": tc.seed, "attack": attack.label(),

@@ -61,17 +61,38 @@ def test_regenerator_dropout_gives_two_passes_and_eval_is_deterministic():
     assert torch.equal(G(x, m), G(x, m))
 
 
-def test_saliency_gradient_is_the_log_prob_gradient_of_the_predicted_label(mnist_classifier, mnist_batch):
-    f, _ = mnist_classifier
-    x, _ = mnist_batch
+def test_saliency_gradient_is_the_log_prob_gradient_up_to_a_positive_factor(mnist_classifier, mnist_batch):
+    """g = ∇ log p(ŷ) / (1 − p_ŷ): checked in float64, where log p does not saturate."""
+    f, cspec = mnist_classifier
+    x = mnist_batch[0].double()
+    f64 = classifiers.build(cspec).double()
+    f64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in f.state_dict().items()})
+    f64.eval()
     with torch.no_grad():  # as attack libraries call models
-        grad, logits = saliency_gradient(f, x)
+        grad, logits = saliency_gradient(f64, x)
     xr = x.clone().requires_grad_(True)
-    out = f(xr)
-    lp = torch.log_softmax(out, 1).gather(1, out.argmax(1, keepdim=True)).sum()
-    (ref,) = torch.autograd.grad(lp, xr)
-    torch.testing.assert_close(grad, ref)
+    out = f64(xr)
+    pred = out.argmax(1, keepdim=True)
+    lp = torch.log_softmax(out, 1).gather(1, pred)
+    (ref,) = torch.autograd.grad(lp.sum(), xr)
+    p = lp.detach().exp()[:, 0]
+    torch.testing.assert_close(grad * (1 - p)[:, None, None, None], ref, rtol=1e-6, atol=1e-12)
     assert torch.equal(logits.argmax(1), out.argmax(1))
+
+
+def test_saliency_gradient_survives_saturated_probabilities(mnist_classifier, mnist_batch):
+    """In float32 the float64 mask is kept even where p_ŷ rounds to 1 (DESIGN §2.1's mask)."""
+    f, cspec = mnist_classifier
+    x = load_dataset("mnist", DATA, "test").subset(200).images.float() / 255
+    f64 = classifiers.build(cspec).double()
+    f64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in f.state_dict().items()})
+    f64.eval()
+    from pssr import ops
+    with torch.no_grad():
+        assert (torch.log_softmax(f(x), 1).max(1).values.exp() == 1).sum() >= 5  # p_ŷ rounds to 1 in float32
+    m32 = ops.pixel_surgery(x, saliency_gradient(f, x)[0])[1]
+    m64 = ops.pixel_surgery(x.double(), saliency_gradient(f64, x.double())[0])[1]
+    assert (m32 != m64).float().mean() < 0.005
 
 
 def test_mask_depends_on_the_label_only_not_on_the_loss_scale(mnist_classifier, mnist_batch):
@@ -109,18 +130,19 @@ def test_surgery_gradient_rules(mnist_classifier, mnist_batch):
     assert torch.equal(grads["bpda"], weights)  # identity
 
 
-def test_soft_mask_approximates_the_hard_mask(mnist_classifier, mnist_batch):
+def test_soft_gradient_keeps_the_real_forward(mnist_classifier, mnist_batch):
     f, _ = mnist_classifier
     x, _ = mnist_batch
-    for cfg in (SurgeryConfig(soft_temperature=0.01), SurgeryConfig(mode="topk", ratio=0.2, soft_temperature=0.01)):
+    for cfg in (SurgeryConfig(), SurgeryConfig(mode="topk", ratio=0.2), SurgeryConfig(fill=0.5)):
         surgery = PixelSurgery(f, cfg)
-        _, hard, _ = surgery(x)
+        x_hard, hard, _ = surgery(x)
         xr = x.clone().requires_grad_(True)
         x_s, soft, _ = surgery(xr, "soft")
-        assert soft.shape == hard.shape and soft.min() >= 0 and soft.max() <= 1
-        assert ((soft > 0.5) == hard).float().mean() > 0.97
-        (g,) = torch.autograd.grad(x_s.sum(), xr)
-        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        assert torch.equal(soft.detach(), hard.float()) and torch.equal(x_s.detach(), x_hard)
+        (g,) = torch.autograd.grad((x_s * torch.randn_like(x_s)).sum(), xr)
+        assert torch.isfinite(g).all()
+        removed = hard.expand_as(x)
+        assert g[removed].abs().sum() > 0  # unlike mask-fixed, gradient reaches removed pixels (via s)
 
 
 @pytest.mark.parametrize("gradient", ["mask-fixed", "bpda", "soft"])

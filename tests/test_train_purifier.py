@@ -132,3 +132,48 @@ def test_ddp_two_cpu_processes(tmp_path):
     p, _, _ = purifier.load(out / "purifier.safetensors")
     assert all(torch.isfinite(t).all() for t in p.regenerator.state_dict().values())
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_signal_stops_at_a_step_boundary_and_resume_is_exact(tmp_path, monkeypatch):
+    """Ctrl-C/SIGTERM only set a flag: the state saved is that of a finished step."""
+    import signal
+
+    torch.set_num_threads(1)
+    cfg = tiny_config("train.epochs=2", "train.checkpoint_every=100")
+    straight = tmp_path / "straight"
+    train_purifier.run(cfg, straight, data_root=DATA, quiet=True)
+
+    original = train_purifier.GracefulStop.should_stop
+    calls = {"n": 0}
+
+    def send_sigterm_in_step_3(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the loop, handled by a flag
+        return original(self)
+
+    monkeypatch.setattr(train_purifier.GracefulStop, "should_stop", send_sigterm_in_step_3)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(train_purifier.TrainError, match="interrupted at step 3/8; state saved"):
+        train_purifier.run(cfg, stopped, data_root=DATA, quiet=True)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(train_purifier.GracefulStop, "should_stop", original)
+    train_purifier.run(cfg, stopped, resume=True, data_root=DATA, quiet=True)
+    a = load_file(str(straight / "purifier.safetensors"))
+    b = load_file(str(stopped / "purifier.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_process_count_or_classifier(tmp_path):
+    from pssr import checkpoint
+
+    cfg = tiny_config("train.stop_after_steps=1")
+    out = tmp_path / "r"
+    train_purifier.run(cfg, out, data_root=DATA, quiet=True)
+    tensors, info = checkpoint.load(out / "state.safetensors")
+    checkpoint.save(out / "state.safetensors", tensors, {**info, "world": 2})
+    with pytest.raises(train_purifier.TrainError, match="2 process"):
+        train_purifier.run(cfg, out, resume=True, data_root=DATA, quiet=True)
+    checkpoint.save(out / "state.safetensors", tensors, {**info, "classifier_sha256": "0" * 64})
+    with pytest.raises(train_purifier.TrainError, match="another classifier"):
+        train_purifier.run(cfg, out, resume=True, data_root=DATA, quiet=True)
