@@ -253,3 +253,21 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path):
         text = res.output.strip()
         assert len(text.splitlines()) == 1 and text.startswith("Error: ") and needle in text, (args, text)
         assert "Traceback" not in text and res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_per_defense_runs_merge_into_the_single_run_table(checkpoint, evaluated, tmp_path):
+    """scripts/merge_eval.py: one run per defense, merged, gives the rows of one run over all."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_eval", Path(__file__).parents[1] / "scripts" / "merge_eval.py")
+    merge_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_eval)
+    whole = evaluated[0].to_json()
+    parts = [evaluate.run(config(checkpoint, defenses=(d,)), quiet=True).to_json() for d in DEFENSES]
+    merged = merge_eval.merge(parts)
+    assert merged["clean"] == whole["clean"] and merged["worst_case"] == whole["worst_case"]
+    key = lambda r: (r["defense"], r["attack"], r["threat"])  # noqa: E731
+    assert sorted(without_seconds(merged["records"]), key=key) == sorted(without_seconds(whole["records"]), key=key)
+    other = evaluate.run(config(checkpoint, defenses=("none",), seed=1), quiet=True).to_json()
+    with pytest.raises(SystemExit, match="differ"):
+        merge_eval.merge([parts[0], other])
