@@ -76,9 +76,10 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 128
-    lr: float = 2e-3  # peak of the one-cycle schedule (Adam)
+    lr: float = 3e-3  # peak of the one-cycle schedule (Adam)
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm (0: off); the early CE gradients are large
     seed: int = 0
     checkpoint_every: int = 50  # steps
     log_every: int = 10  # steps
@@ -230,12 +231,12 @@ def step_loss(f, surgery: PixelSurgery, G, x, y, x_adv, lc: LossConfig) -> tuple
     n = len(x)
     part = {name: slice(i * n, (i + 1) * n) for i, name in enumerate(names)}
     adv, terms = part["adv"], {}
-    l_pix = losses.pixel(x_hat[adv], x)
+    l_pix = losses.pixel(x_hat[adv], x, m[adv])
     l_sem = losses.semantic(logits[adv], y, features[adv], target_features, lc.feature_beta)
     l_rd = x.new_zeros(())
     if "clean" in part:
         c = part["clean"]
-        l_pix = l_pix + losses.pixel(x_hat[c], x)
+        l_pix = l_pix + losses.pixel(x_hat[c], x, m[c])
         l_sem = l_sem + losses.semantic(logits[c], y, features[c], target_features, lc.feature_beta)
         if lc.rdrop > 0:
             l_rd = l_rd + losses.symmetric_kl(logits[adv], logits[c])
@@ -366,6 +367,8 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(G.parameters(), tc.grad_clip)
                 optimizer.step()
                 step, run_steps = step + 1, run_steps + 1
                 bar.update()

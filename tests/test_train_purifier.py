@@ -68,7 +68,7 @@ def test_short_real_run_lowers_the_loss(tmp_path):
     assert summary["steps"] == 48
     trained, spec, _ = purifier.load(out / "purifier.safetensors")
     after = held_out_loss(trained.regenerator)
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.85 * before, (before, after)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 48 and all(k in log[0] for k in ("pixel", "semantic", "rdrop", "lr"))
@@ -177,3 +177,32 @@ def test_resume_refuses_another_process_count_or_classifier(tmp_path):
     checkpoint.save(out / "state.safetensors", tensors, {**info, "classifier_sha256": "0" * 64})
     with pytest.raises(train_purifier.TrainError, match="another classifier"):
         train_purifier.run(cfg, out, resume=True, data_root=DATA, quiet=True)
+
+
+def test_regenerator_does_not_collapse_under_the_preset_loss():
+    """Regression: with a per-pixel-mean L1 the cross-entropy swamped the pixel term and every hole
+    pixel went black within one Adam step, for good. With the preset's weights G keeps filling."""
+    torch.set_num_threads(1)
+    f, _ = classifiers.load(purifier.shipped_path("classifier-mnist"))
+    d = load_dataset("mnist", DATA, "train").subset(64)
+    x, y = d.images.float() / 255, d.labels
+    x_adv = attacks.run_attack(attacks.parse_attack("pgd:steps=3", "mnist"), f, x, y, seed=0)
+    cfg = train_purifier.load_config("mnist")
+    surgery = PixelSurgery(f, cfg.surgery)
+    torch.manual_seed(0)
+    G = Regenerator(RegeneratorSpec(1, cfg.regenerator.width, cfg.regenerator.dropout))
+    opt = torch.optim.Adam(G.parameters(), cfg.train.lr)
+    pixel = []
+    for _ in range(8):
+        loss, terms = train_purifier.step_loss(f, surgery, G, x, y, x_adv, cfg.loss)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.train.grad_clip)
+        opt.step()
+        pixel.append(terms["pixel"])
+    G.eval()
+    with torch.no_grad():
+        x_s, mask, _ = surgery(x)
+        filled = G(x_s, mask)[mask.expand_as(x)]
+    assert (filled > 0.05).float().mean() > 0.2, "G fills the holes with black"
+    assert pixel[-1] < pixel[0]
