@@ -22,7 +22,7 @@ def train_classifier_command(config_source, overrides, out_dir, data_root, resum
 
     Writes OUT/classifier.safetensors (weights, architecture, normalisation and test accuracy
     in its metadata), OUT/log.jsonl and OUT/state.safetensors (resume state, saved atomically
-    every train.checkpoint_every steps, at each epoch's end and on Ctrl-C).
+    every train.checkpoint_every steps, at each epoch's end, and at the next step boundary on Ctrl-C or SIGTERM).
     """
     try:
         cfg = config.load(train_classifier.ClassifierConfig, config_source, overrides, prefix="classifier")

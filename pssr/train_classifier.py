@@ -4,7 +4,7 @@ Resumable exactly: every random choice (shuffle, crops, flips) is derived from (
 step) and the learning rate is a function of the step, so a run stopped at any checkpoint and
 resumed with `--resume` ends with the same weights as an uninterrupted run (same threads).
 State is saved atomically as safetensors every `checkpoint_every` steps, at each epoch's end
-and on Ctrl-C.
+and at the step boundary after Ctrl-C or SIGTERM (`pssr.interrupt`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint, classifiers, config
 from .data import ImageDataset, load_dataset
+from .interrupt import GracefulStop
 
 STATE_KIND = "classifier-training-state"
 
@@ -211,7 +212,8 @@ def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None,
 
     started, run_steps = time.time(), 0
     show = not quiet and sys.stderr.isatty()
-    with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar, \
+            GracefulStop() as stop:
         log = Logger(log_path, bar, quiet)
         model.train()
         try:
@@ -246,9 +248,12 @@ def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None,
                 if tc.stop_after_steps is not None and run_steps >= tc.stop_after_steps and step < total:
                     save_state()
                     return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
-        except KeyboardInterrupt:
-            save_state()
-            raise TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume") from None
+                if stop.should_stop() and step < total:
+                    save_state()
+                    raise TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume")
+        except KeyboardInterrupt:  # a second Ctrl-C: maybe mid-step, so the last checkpoint stands
+            raise TrainError(f"interrupted during step {step + 1}/{total}; rerun with --resume to continue from "
+                             f"the last checkpoint") from None
 
     acc, test_loss = evaluate(model, test)
     seconds = time.time() - started

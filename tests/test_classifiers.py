@@ -139,6 +139,33 @@ def test_short_real_training_lowers_loss_and_resumes_exactly(tmp_path):
 
 
 @needs_data
+def test_sigterm_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from pssr import interrupt
+
+    full = train(tmp_path / "full", ["train.checkpoint_every=100"])
+    original, calls = interrupt.GracefulStop.should_stop, {"n": 0}
+
+    def sigterm_in_step_4(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(interrupt.GracefulStop, "should_stop", sigterm_in_step_4)
+    with pytest.raises(train_classifier.TrainError, match="interrupted at step 4/16; state saved"):
+        train(tmp_path / "part", ["train.checkpoint_every=100"])
+    monkeypatch.setattr(interrupt.GracefulStop, "should_stop", original)
+    done = train(tmp_path / "part", ["train.checkpoint_every=100"], resume=True)
+    a, _ = classifiers.load(tmp_path / "full" / "classifier.safetensors")
+    b, _ = classifiers.load(tmp_path / "part" / "classifier.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert done["test_accuracy"] == full["test_accuracy"]
+
+
+@needs_data
 def test_cli_errors_are_one_line(tmp_path):
     runner = CliRunner()
     r = runner.invoke(cli, ["train-classifier", "mnist", "--set", "train.epochs=0", "--data-root", str(DATA)])
