@@ -9,7 +9,6 @@ and at the step boundary after Ctrl-C or SIGTERM (`pssr.interrupt`).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,6 +24,10 @@ from tqdm import tqdm
 from . import checkpoint, classifiers, config
 from .data import ImageDataset, load_dataset
 from .interrupt import GracefulStop
+from .training import Logger, TrainError, check_run_dir, defining, early_stop, interrupted, interrupted_mid_step, lr_at
+from .training import restore as _restore
+from .training import seeded_generator as _generator
+from .training import state_tensors as _state_tensors
 
 STATE_KIND = "classifier-training-state"
 
@@ -73,23 +76,7 @@ class ClassifierConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-class TrainError(Exception):
-    """A run that cannot start or resume (one line)."""
-
-
-def _generator(*parts: int) -> torch.Generator:
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """One-cycle: linear warm-up to the peak, then linear decay to zero."""
-    warm = max(1, int(cfg.warmup_fraction * total))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+RUN_CONTROLS = ("stop_after_steps",)  # train keys a resume may change
 
 
 def augment(x: torch.Tensor, kind: str, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -132,50 +119,12 @@ def channel_stats(data: ImageDataset) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
 
 
-def _defining(resolved: dict) -> dict:
-    """The config keys that define the training (a resume must match them); run controls excluded."""
-    return {**resolved, "train": {k: v for k, v in resolved["train"].items() if k != "stop_after_steps"}}
-
-
-def _state_tensors(model, optimizer) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, p in enumerate(optimizer.param_groups[0]["params"]):
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            tensors[f"optim.{i}.momentum_buffer"] = buf
-    return tensors
-
-
-def _restore(model, optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    params = optimizer.param_groups[0]["params"]
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            optimizer.state[params[int(k.split(".")[1])]]["momentum_buffer"] = v.clone()
-
-
-class Logger:
-    """JSON lines to a file (appended across resumes) and short lines to the terminal."""
-
-    def __init__(self, path: Path, bar: tqdm, quiet: bool):
-        self.path, self.bar, self.quiet = path, bar, quiet
-
-    def __call__(self, record: dict, say: str | None = None) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if say and not self.quiet:
-            self.bar.write(say, file=sys.stderr)
-
-
 def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None, quiet: bool = False) -> dict:
     """Train; returns the final summary (test accuracy, paths, time). Raises TrainError."""
     out = Path(out_dir)
     state_path, final_path, log_path = out / "state.safetensors", out / "classifier.safetensors", out / "log.jsonl"
     resolved = config.to_dict(cfg)
-    if state_path.exists() and not resume:
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not state_path.exists():
-        raise TrainError(f"--resume: no {state_path} to resume from")
+    check_run_dir(out, state_path, resume)
 
     root = cfg.data.root or data_root or os.environ.get("PSSR_DATA_ROOT")
     if root is None:
@@ -199,7 +148,7 @@ def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None,
     step = 0
     if resume:
         tensors, info = checkpoint.load(state_path, kind=STATE_KIND)
-        if _defining(info["config"]) != _defining(resolved):
+        if defining(info["config"], RUN_CONTROLS) != defining(resolved, RUN_CONTROLS):
             raise TrainError(f"--resume: {out} was started with another config; use the same --set options")
         _restore(model, optimizer, tensors)
         step = int(info["step"])
@@ -242,18 +191,18 @@ def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None,
                     acc, test_loss = evaluate(model, test)
                     log({"step": step, "epoch": epoch, "test_acc": acc, "test_loss": test_loss},
                         f"epoch {epoch + 1}/{tc.epochs}: test accuracy {acc:.2%} (loss {test_loss:.3f})")
+                saved = step % steps_per_epoch == 0 or step % tc.checkpoint_every == 0
+                if saved:
                     save_state()
-                elif step % tc.checkpoint_every == 0:
-                    save_state()
-                if tc.stop_after_steps is not None and run_steps >= tc.stop_after_steps and step < total:
-                    save_state()
-                    return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
-                if stop.should_stop() and step < total:
-                    save_state()
-                    raise TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume")
-        except KeyboardInterrupt:  # a second Ctrl-C: maybe mid-step, so the last checkpoint stands
-            raise TrainError(f"interrupted during step {step + 1}/{total}; rerun with --resume to continue from "
-                             f"the last checkpoint") from None
+                reason = early_stop(stop, tc.stop_after_steps, run_steps, step, total)
+                if reason:
+                    if not saved:
+                        save_state()
+                    if reason == "budget":
+                        return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
+                    raise interrupted(step, total)
+        except KeyboardInterrupt:
+            raise interrupted_mid_step(step, total) from None
 
     acc, test_loss = evaluate(model, test)
     seconds = time.time() - started

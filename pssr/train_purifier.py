@@ -35,14 +35,14 @@ from .data import load_dataset
 from .interrupt import GracefulStop
 from .regeneration import Regenerator, RegeneratorSpec, compose
 from .surgery import PixelSurgery, SurgeryConfig
-from .train_classifier import Logger, _generator, lr_at
+from .training import Logger, TrainError, check_run_dir, defining, early_stop, interrupted, interrupted_mid_step, lr_at
+from .training import restore as _restore
+from .training import seeded_generator as _generator
+from .training import state_tensors as _state_tensors
 
 STATE_KIND = "purifier-training-state"
 TRAINING_ATTACKS = ("pgd", "pgd100", "pgd-l2")
-
-
-class TrainError(Exception):
-    """A run that cannot start or resume (one line)."""
+RUN_CONTROLS = ("stop_after_steps", "eval_every", "log_every")  # train keys a resume may change
 
 
 @dataclass
@@ -175,25 +175,6 @@ def _seed(*parts: int) -> int:
     return int(_generator(*parts).initial_seed())
 
 
-def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, p in enumerate(optimizer.param_groups[0]["params"]):
-        for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
-    return tensors
-
-
-def _restore(model, optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, key = k.split(".", 2)
-            state.setdefault(int(i), {})[key] = v.clone()
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
 @torch.no_grad()
 def watched_accuracy(surgery: PixelSurgery, regenerator, x, y, batch_size: int = 250) -> float:
     """Accuracy of f on purified images: the number to watch while training (DESIGN.md §2.2)."""
@@ -250,12 +231,6 @@ def step_loss(f, surgery: PixelSurgery, G, x, y, x_adv, lc: LossConfig) -> tuple
     return loss, terms
 
 
-def _defining(resolved: dict) -> dict:
-    """The keys a resume must match (run controls excluded)."""
-    train = {k: v for k, v in resolved["train"].items() if k not in ("stop_after_steps", "eval_every", "log_every")}
-    return {**resolved, "train": train}
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 
@@ -267,10 +242,7 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     out = Path(out_dir)
     state_path, final_path, log_path = out / "state.safetensors", out / "purifier.safetensors", out / "log.jsonl"
     resolved = config.to_dict(cfg)
-    if state_path.exists() and not resume:
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not state_path.exists():
-        raise TrainError(f"--resume: no {state_path} to resume from")
+    check_run_dir(out, state_path, resume)
 
     cpath = resolve_classifier(cfg.classifier)
     f, cspec = classifiers.load(cpath, dd.device)
@@ -309,7 +281,7 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     step = 0
     if resume:
         tensors, info = checkpoint.load(state_path, kind=STATE_KIND)
-        if _defining(info["config"]) != _defining(resolved):
+        if defining(info["config"], RUN_CONTROLS) != defining(resolved, RUN_CONTROLS):
             raise TrainError(f"--resume: {out} was started with another config; use the same --set options")
         if info.get("classifier_sha256") != classifier_sha:
             raise TrainError(f"--resume: {out} was started with another classifier than {cpath}")
@@ -381,17 +353,18 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                     if record:
                         log(record, f"step {step}/{total}: purified accuracy clean {record['watch_clean_acc']:.2%}, "
                                     f"PGD (transfer) {record['watch_pgd_acc']:.2%} on {record['watch_n']} test images")
-                if end_of_epoch or step % tc.checkpoint_every == 0:
+                saved = end_of_epoch or step % tc.checkpoint_every == 0
+                if saved:
                     save_state()
-                if tc.stop_after_steps is not None and run_steps >= tc.stop_after_steps and step < total:
-                    save_state()
-                    return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
-                if stop.should_stop() and step < total:
-                    save_state()
-                    raise TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume")
-        except KeyboardInterrupt:  # a second Ctrl-C: maybe mid-step, so the last checkpoint stands
-            raise TrainError(f"interrupted during step {step + 1}/{total}; rerun with --resume to continue from "
-                             f"the last checkpoint") from None
+                reason = early_stop(stop, tc.stop_after_steps, run_steps, step, total)
+                if reason:
+                    if not saved:
+                        save_state()
+                    if reason == "budget":
+                        return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
+                    raise interrupted(step, total)
+        except KeyboardInterrupt:
+            raise interrupted_mid_step(step, total) from None
 
     seconds = time.time() - started
     summary = {"checkpoint": str(final_path), "seconds": seconds, "steps": total, "world": dd.world}

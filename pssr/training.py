@@ -1,0 +1,104 @@
+"""What both trainers (`train-classifier`, `train`) share: seeds, the schedule, the run folder,
+the JSONL log, the resume state and the rules for stopping early.
+
+A run stops early in two ways, both at a step boundary so that the saved state is exact: its
+step budget for this invocation (`stop_after_steps`) or a Ctrl-C/SIGTERM (`pssr.interrupt`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .interrupt import GracefulStop
+
+
+class TrainError(Exception):
+    """A run that cannot start or resume (one line)."""
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from integers (seed, epoch, step, ...): the same draws on a resume."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """One-cycle: linear warm-up to the peak (cfg.lr), then linear decay to zero."""
+    warm = max(1, int(cfg.warmup_fraction * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def check_run_dir(out: Path, state_path: Path, resume: bool) -> None:
+    if state_path.exists() and not resume:
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not state_path.exists():
+        raise TrainError(f"--resume: no {state_path} to resume from")
+
+
+def defining(resolved: dict, run_controls: tuple[str, ...]) -> dict:
+    """The config a resume must match: all of it but the `train` keys that only steer this invocation."""
+    return {**resolved, "train": {k: v for k, v in resolved["train"].items() if k not in run_controls}}
+
+
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Model weights and the optimizer's per-parameter state (momentum, Adam moments, step)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, key = k.split(".", 2)
+            state.setdefault(int(i), {})[key] = v.clone()
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+class Logger:
+    """JSON lines to a file (appended across resumes) and short lines to the terminal."""
+
+    def __init__(self, path: Path, bar: tqdm, quiet: bool):
+        self.path, self.bar, self.quiet = path, bar, quiet
+
+    def __call__(self, record: dict, say: str | None = None) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if say and not self.quiet:
+            self.bar.write(say, file=sys.stderr)
+
+
+def early_stop(stop: GracefulStop, stop_after_steps: int | None, run_steps: int, step: int, total: int) -> str | None:
+    """'budget' (this invocation's steps are done), 'signal' (Ctrl-C/SIGTERM), or None.
+
+    Never at the last step (the run then simply finishes). Under torchrun every rank reaches the
+    same answer: the budget is the same everywhere and `should_stop` all-reduces the flag.
+    """
+    if step >= total:
+        return None
+    if stop_after_steps is not None and run_steps >= stop_after_steps:
+        return "budget"
+    return "signal" if stop.should_stop() else None
+
+
+def interrupted(step: int, total: int) -> TrainError:
+    return TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume")
+
+
+def interrupted_mid_step(step: int, total: int) -> TrainError:
+    """A second Ctrl-C, maybe mid-step: the last periodic checkpoint is the resume point."""
+    return TrainError(f"interrupted during step {step + 1}/{total}; rerun with --resume to continue from "
+                      f"the last checkpoint")
