@@ -37,9 +37,20 @@ from pssr.defenses import DefenseError
               help="Also write the report as a markdown file (atomically).")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
               help="Also write a PNG bar chart: accuracy per attack, grouped by defense, worst case included.")
+@click.option("--examples", "examples_path", type=click.Path(), default=None,
+              help="Also write a PNG grid: per attack, 3 test images clean | adversarial (transfer, made on the "
+                   "classifier) | surgered (removed pixels in red) | regenerated, each with its prediction. "
+                   "Needs the pssr defense.")
+@click.option("--eps-curve", "eps_curve_path", type=click.Path(), default=None,
+              help="Also write a PNG of robust accuracy against ε per defense, from every PGD run (give PGD at "
+                   "several ε, e.g. --attack pgd:eps=0.1 --attack pgd:eps=0.2 --attack pgd); the strongest "
+                   "threat model at each ε.")
+@click.option("--state", "state_path", type=click.Path(), default=None, metavar="FILE",
+              help="Resume file: each finished run is saved there (atomically); rerunning the same command "
+                   "skips those runs and gives the same report (total seconds aside). Refused if the options differ.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
 def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats, limit, limit_expensive, eot,
-                 seed, batch_size, json_path, markdown_path, plot_path, quiet):
+                 seed, batch_size, json_path, markdown_path, plot_path, examples_path, eps_curve_path, state_path, quiet):
     """Clean and robust accuracy of a classifier behind each defense, under each attack and threat model.
 
     \b
@@ -59,6 +70,9 @@ def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats
                  gradients averaged over --eot draws of the defense.
     Per defense, the worst case counts an image as robust only if it is correct
     clean and survives every attack under every threat model.
+
+    With --state FILE a long evaluation survives Ctrl-C, SIGTERM or a crash:
+    rerun the same command to finish it.
     """
     config = evaluate.Config(
         classifier=classifier_path, dataset=dataset, data_root=data_root,
@@ -67,11 +81,17 @@ def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats
     )
     try:
         result = evaluate.run(config, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
+                              state_path=state_path, examples_path=examples_path, eps_curve_path=eps_curve_path,
                               quiet=quiet)
     except (evaluate.EvalError, AttackError, DefenseError, DataError, CheckpointError) as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
+    except KeyboardInterrupt:
+        if not state_path:
+            raise
+        raise click.ClickException(f"interrupted; the finished runs are in {state_path}: rerun the same command "
+                                   "to finish") from None
     click.echo(report.format_table(result))
     if not quiet:
-        for path in (json_path, markdown_path, plot_path):
+        for path in (json_path, markdown_path, plot_path, examples_path, eps_curve_path):
             if path:
                 click.echo(f"wrote {path}", err=True)

@@ -24,10 +24,15 @@ from pssr import purify_folder
               help="png: lossless PNG, extension changed to .png; same: the input's format and name "
                    "(JPEG at quality 95, so lossy; WebP lossless).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist (otherwise they are skipped).")
+@click.option("--save-masks", is_flag=True,
+              help="Also write NAME.mask.png and NAME.strip.png beside each output (see above), enlarged "
+                   "max(1, 128 // size) times with nearest pixels: 4x for 28 and 32 px models, so the mask is "
+                   "112x112 or 128x128 and the strip 448x112 or 512x128.")
 @click.option("--profile", is_flag=True, help="Print the time per stage (decode, saliency, surgery, regeneration, "
               "classify, encode) and images/s at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
-def purify_command(in_dir, out_dir, model, classifier_path, batch_size, device, fmt, overwrite, profile, quiet):
+def purify_command(in_dir, out_dir, model, classifier_path, batch_size, device, fmt, overwrite, save_masks, profile,
+                   quiet):
     """Purify every image under IN into OUT, keeping the relative paths.
 
     \b
@@ -45,18 +50,28 @@ def purify_command(in_dir, out_dir, model, classifier_path, batch_size, device, 
     OUT/manifest.jsonl has one JSON object per input file: path (relative
     to IN), status (ok, skipped, failed), error, model, removed_fraction,
     pred_before, pred_after, prob_before, prob_after (the predicted class's
-    probability), class_before, class_after, seconds, conversions, output.
+    probability), class_before, class_after, seconds, conversions, output,
+    mask, strip (paths relative to OUT; null without --save-masks).
     Outputs are written atomically and never replaced without --overwrite
     (status skipped, error "exists"): rerun the same command after an
     interruption to finish the rest. Files that cannot be decoded are
     reported on stderr and recorded as failed; the exit status is then 1.
 
     \b
+    --save-masks writes NAME.mask.png and NAME.strip.png beside each output
+    NAME.png. Strip panels, left to right: the input as the model saw it,
+    the mask (white = removed), the regenerated output, and |output - input|
+    x4 clipped to 1 (white = a change of a quarter of the range or more;
+    kept pixels are black). A file is then skipped only when its output,
+    mask and strip all exist; otherwise the missing ones are written.
+
+    \b
     On several processes (rank R takes every WORLD-th file, manifest-rankR.jsonl):
       torchrun --nproc_per_node 2 -m pssr_cli.main purify IN OUT
     """
     options = purify_folder.Options(model=model, classifier=classifier_path, batch_size=batch_size, device=device,
-                                    fmt=fmt, overwrite=overwrite, quiet=quiet, profile=profile)
+                                    fmt=fmt, overwrite=overwrite, save_masks=save_masks, quiet=quiet,
+                                    profile=profile)
     try:
         summary = purify_folder.run(in_dir, out_dir, options)
     except purify_folder.PurifyError as exc:

@@ -40,6 +40,14 @@ is seeded from (seed, its names) with ``torch.manual_seed`` (and numpy's generat
 random defenses use), so results on the CPU are identical for a given ``seed`` whatever else runs.
 A random defense classifies with one draw from its own fixed seed.
 
+Resuming (``state_path``, ``pssr eval --state FILE``): after every finished unit — one clean pass,
+or one attack run with its scorings — the state file gets what the report needs from it: per
+scoring, which examples survived and their perturbation norms, and its seconds. A rerun with the
+same file replays the finished units and runs the rest, so its report equals an uninterrupted
+run's (apart from the total ``seconds``: a rerun counts only its own time). The file is written
+atomically, so an interruption leaves the units finished so far; it also holds the options that
+change a number, and a rerun with other options is refused rather than mixed in.
+
 The pipeline returns plain records; ``pssr.report`` formats and writes them.
 """
 
@@ -47,7 +55,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -60,11 +70,12 @@ import torch
 from tqdm import tqdm
 
 import pssr
-from pssr import attacks, classifiers, report
+from pssr import attacks, checkpoint, classifiers, figures, report
 from pssr.checkpoint import weights_sha256
 from pssr.data import load_dataset
 from pssr.errors import first_line
 from pssr.defenses import DefendedModel, Defense, DefenseError, parse_defense
+from pssr.purifier import PssrDefense
 
 THREATS: tuple[str, ...] = ("oblivious", "bpda", "mask-fixed", "soft-mask", "eot")
 # Threat models that are a way of differentiating the defense: threat -> Defense.attack_gradients entry.
@@ -148,6 +159,21 @@ class Result:
             "seed": self.seed,
             "seconds": self.seconds,
         }
+
+
+@dataclass
+class Scored:
+    """One scoring as the state file keeps it: enough to rebuild its Record and worst-case share.
+
+    ``robust`` is per example (for a clean pass: classified correctly); the norms are None for a
+    clean pass."""
+
+    defense: str
+    threat: str  # or "clean"
+    robust: torch.Tensor  # bool, (n,)
+    linf: torch.Tensor | None = None  # float64, (n,)
+    l2: torch.Tensor | None = None
+    seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +290,132 @@ def check_output_path(path: str | None, option: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Resume state (--state)
+
+STATE_KIND = "eval-state"
+STATE_VERSION = 1
+# Resolved-config keys that do not change a number (the classifier and data enter by digest).
+NOT_DEFINING = frozenset({"classifier", "data_root", "torch", "pssr", "python", "threads", "device"})
+
+
+def defining_options(resolved: dict, classifier_sha256: str, data, defenses: list[_Defense]) -> dict:
+    """What a state file must share with a rerun: every option that changes a number, as JSON.
+    The data and the weights a defense holds (PSSR's purifier) enter by digest, so a changed
+    data copy or a retrained purifier under the same name is caught."""
+    digest = hashlib.sha256(data.images.contiguous().numpy().tobytes())
+    digest.update(data.labels.to(torch.int64).contiguous().numpy().tobytes())
+    options = {k: v for k, v in resolved.items() if k not in NOT_DEFINING}
+    options.update(classifier_sha256=classifier_sha256, data_sha256=digest.hexdigest(),
+                   defense_weights=_defense_weights(defenses))
+    return json.loads(json.dumps(options))  # tuples as lists, as they read back
+
+
+def _defense_weights(defenses: list[_Defense]) -> dict[str, list[str]]:
+    """Per defense that holds modules (after bind), the sha256 of each one's weights."""
+    out = {}
+    for d in defenses:
+        modules = [v for v in vars(d.defense).values() if isinstance(v, torch.nn.Module)]
+        if modules:
+            out[d.name] = [weights_sha256(m.state_dict()) for m in modules]
+    return out
+
+
+def _brief(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class State:
+    """The finished units of one evaluation, in a safetensors file rewritten after each unit.
+
+    Tensors ``{unit}.{entry}.robust`` (bool) and ``.linf``/``.l2`` (float64); the metadata
+    (``pssr`` key, JSON) holds the defining options and, per unit, its key and per entry the
+    defense, threat and seconds. Units are keyed (attack, defense, threat), a clean pass
+    ("clean", defense)."""
+
+    def __init__(self, path: str, options: dict):
+        self.path, self.options = path, options
+        self.units: dict[tuple[str, ...], list[Scored]] = {}
+
+    @classmethod
+    def open(cls, path: str, options: dict) -> "State":
+        """The state in ``path`` (none yet: empty); refuses a file made with other options."""
+        state = cls(path, options)
+        if os.path.exists(path):
+            state._load()
+        return state
+
+    def put(self, key: tuple[str, ...], scored: list[Scored]) -> None:
+        self.units[key] = scored
+        self._save()
+
+    def _save(self) -> None:
+        tensors, units = {}, []
+        for u, (key, scored) in enumerate(self.units.items()):
+            units.append({"key": list(key), "entries": [
+                {"defense": s.defense, "threat": s.threat, "seconds": s.seconds} for s in scored]})
+            for e, s in enumerate(scored):
+                for name in ("robust", "linf", "l2"):
+                    if getattr(s, name) is not None:
+                        tensors[f"{u}.{e}.{name}"] = getattr(s, name)
+        info = {"kind": STATE_KIND, "state_version": STATE_VERSION, "options": self.options, "units": units}
+        try:
+            checkpoint.save(self.path, tensors, info)
+        except OSError as exc:
+            raise EvalError(f"cannot write --state {self.path}: {exc.strerror or exc}") from exc
+
+    def _load(self) -> None:
+        try:
+            tensors, info = checkpoint.load(self.path, kind=STATE_KIND)
+        except checkpoint.CheckpointError as exc:
+            raise EvalError(f"--state: {exc}") from None
+        if info.get("state_version") != STATE_VERSION:
+            raise EvalError(f"--state {self.path}: state version {info.get('state_version')!r}, this pssr reads "
+                            f"{STATE_VERSION}; delete it to start over")
+        self._check_options(info.get("options"))
+        try:
+            self.units = {tuple(u["key"]): self._unit(tensors, i, u) for i, u in enumerate(info["units"])}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise EvalError(f"--state {self.path}: damaged state file ({first_line(exc)}); delete it to start over") \
+                from None
+
+    def _check_options(self, stored) -> None:
+        if not isinstance(stored, dict):
+            raise EvalError(f"--state {self.path}: damaged state file (no options); delete it to start over")
+        keys = [*self.options, *(k for k in stored if k not in self.options)]  # the options given first, digests last
+        differ = [k for k in keys if stored.get(k) != self.options.get(k)]
+        if differ:
+            k = differ[0]
+            more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+            raise EvalError(f"--state {self.path} is from another evaluation: {k} {_brief(stored.get(k))} there, "
+                            f"{_brief(self.options.get(k))} here{more}; rerun with its options or use another file")
+
+    def _unit(self, tensors: dict, u: int, unit: dict) -> list[Scored]:
+        """One stored unit, checked: a clean pass holds exactly one clean entry, a run none."""
+        scored = [self._entry(tensors, u, e, entry) for e, entry in enumerate(unit["entries"])]
+        clean = unit["key"][0] == "clean"
+        if not scored or any((s.threat == "clean") != clean for s in scored) or (clean and len(scored) > 1):
+            raise ValueError(f"unit {u}: entries do not fit its key")
+        return scored
+
+    def _entry(self, tensors: dict, u: int, e: int, entry: dict) -> Scored:
+        """One stored scoring, checked: known defense and threat, vectors of one length <= n."""
+        if f"{u}.{e}.robust" not in tensors:
+            raise ValueError(f"tensor {u}.{e}.robust missing")
+        robust = tensors[f"{u}.{e}.robust"]
+        norms = [tensors.get(f"{u}.{e}.{name}") for name in ("linf", "l2")]
+        n = len(robust) if robust.dim() == 1 else -1
+        if entry["defense"] not in self.options["defenses"] or entry["threat"] not in (*THREATS, "clean"):
+            raise ValueError(f"unit {u}: unknown defense or threat")
+        if robust.dtype != torch.bool or not 0 < n <= self.options["n"]:
+            raise ValueError(f"unit {u}: bad robust vector")
+        if (entry["threat"] == "clean") != (norms == [None, None]) or any(
+                t is not None and (t.dtype != torch.float64 or t.shape != (n,)) for t in norms):
+            raise ValueError(f"unit {u}: bad norm vectors")
+        return Scored(entry["defense"], entry["threat"], robust, *norms, seconds=float(entry["seconds"]))
+
+
+# --------------------------------------------------------------------------------------------
 # Runs
 
 
@@ -298,9 +450,10 @@ def _attack(a: _Attack, model, x, y, seed: int, config: Config, what: str, bar) 
 class _Evaluation:
     """The state of one evaluation: data, predictors, per-defense clean and worst-case masks."""
 
-    def __init__(self, config: Config, classifier, x, y, defenses: list[_Defense], n: int, m: int, bar):
+    def __init__(self, config: Config, classifier, x, y, defenses: list[_Defense], n: int, m: int, bar,
+                 state: State | None = None):
         self.config, self.classifier, self.x, self.y = config, classifier, x, y
-        self.defenses, self.n, self.m, self.bar = defenses, n, m, bar
+        self.defenses, self.n, self.m, self.bar, self.state = defenses, n, m, bar, state
         self.records: list[Record] = []
         self.predict = {
             d.name: _predictor(classifier, d.defense, run_seed(config.seed, d.name, "predict"), config.batch_size)
@@ -315,17 +468,39 @@ class _Evaluation:
         """Images a defense is evaluated on: the first M for an expensive one, else N."""
         return self.m if d.expensive else self.n
 
+    def _unit(self, key: tuple[str, ...], steps: int, compute: Callable[[], list[Scored]]) -> list[Scored]:
+        """A unit's scorings: replayed from the state file when it finished before, else computed
+        (compute moves the bar itself) and saved there."""
+        stored = self.state.units.get(key) if self.state is not None else None
+        if stored is not None:
+            self.bar.update(steps)
+            return stored
+        scored = compute()
+        if self.state is not None:
+            self.state.put(key, scored)
+        return scored
+
     def clean(self, d: _Defense) -> Clean:
+        (s,) = self._unit(("clean", d.name), 1, lambda: [self._clean_pass(d)])
+        ok = s.robust
+        self.clean_ok[d.name], self.alive[d.name] = ok, ok.clone()
+        self.worst_n[d.name], self.runs[d.name] = len(ok), 0
+        return Clean(d.name, len(ok), ok.float().mean().item())
+
+    def _clean_pass(self, d: _Defense) -> Scored:
         n = self.size(d)
         self.bar.set_description_str(f"clean {d.name}")
         ok = self.predict[d.name](self.x[:n]).argmax(1) == self.y[:n]
-        self.clean_ok[d.name], self.alive[d.name] = ok, ok.clone()
-        self.worst_n[d.name], self.runs[d.name] = n, 0
         self.bar.update()
-        return Clean(d.name, n, ok.float().mean().item())
+        return Scored(d.name, "clean", ok)
 
-    def score(self, d: _Defense, a: _Attack, threat: str, x_adv: torch.Tensor, seconds: float) -> None:
-        """Classify x_adv (its first n rows) with defense d; record the row, update the worst case."""
+    def unit(self, a: _Attack, defense: str, threat: str, steps: int, compute: Callable[[], list[Scored]]) -> None:
+        """Run (or replay) one attack run with its scorings and record them."""
+        for s in self._unit((a.text, defense, threat), steps, compute):
+            self.add(a, s)
+
+    def measure(self, d: _Defense, a: _Attack, threat: str, x_adv: torch.Tensor, seconds: float) -> Scored:
+        """Classify x_adv (its first n rows) with defense d: which examples survived, and their norms."""
         n = min(len(x_adv), self.size(d))
         x, y, x_adv = self.x[:n], self.y[:n], x_adv[:n]
         start = time.perf_counter()
@@ -335,13 +510,36 @@ class _Evaluation:
             raise EvalError(f"scoring {a.text} on {d.name} ({threat}) failed: {first_line(exc)}") from exc
         robust = torch.as_tensor(robust, dtype=torch.bool).reshape(-1)[:n] & self.clean_ok[d.name][:n]
         linf, l2 = (torch.as_tensor(v, dtype=torch.float64) for v in attacks.perturbation_norms(x, x_adv))
-        self.alive[d.name][:n] &= robust
-        self.worst_n[d.name] = min(self.worst_n[d.name], n)
-        self.runs[d.name] += 1
+        return Scored(d.name, threat, robust, linf, l2, seconds + time.perf_counter() - start)
+
+    def add(self, a: _Attack, s: Scored) -> None:
+        """Record one scoring: its row, and its examples' share of the defense's worst case."""
+        n = len(s.robust)
+        self.alive[s.defense][:n] &= s.robust
+        self.worst_n[s.defense] = min(self.worst_n[s.defense], n)
+        self.runs[s.defense] += 1
         self.records.append(Record(
-            d.name, a.text, a.spec.label(), threat, n, robust.float().mean().item(),
-            linf.mean().item(), l2.mean().item(), seconds + time.perf_counter() - start,
+            s.defense, a.text, a.spec.label(), s.threat, n, s.robust.float().mean().item(),
+            s.linf.mean().item(), s.l2.mean().item(), s.seconds,
         ))
+
+    def shared(self, a: _Attack, tag: str, identity: list[_Defense], transfer: list[_Defense]) -> list[Scored]:
+        """The attack on the undefended classifier, scored on the identity defenses (under tag)
+        and transferred to the others."""
+        x_adv, seconds = self.attack(a, None, tag)
+        scored = [self.measure(d, a, tag, x_adv, seconds) for d in identity]
+        self.bar.update()
+        for d in transfer:
+            self.bar.set_description_str(f"{a.text} transferred to {d.name}")
+            scored.append(self.measure(d, a, "oblivious", x_adv, seconds))
+            self.bar.update()
+        return scored
+
+    def defended(self, a: _Attack, d: _Defense, threat: str) -> list[Scored]:
+        """The attack on the defended model under one threat model, scored."""
+        scored = self.measure(d, a, threat, *self.attack(a, d, threat))
+        self.bar.update()
+        return [scored]
 
     def attack(self, a: _Attack, d: _Defense | None, threat: str) -> tuple[torch.Tensor, float]:
         """Attack the undefended classifier (d None) or the defended model under a threat model."""
@@ -376,20 +574,21 @@ def plan_size(defenses: list[_Defense], atts: list[_Attack], threats: tuple[str,
         elif "bpda" in threats and has_none:
             steps += 1
         for d in others:
-            steps += len(_gradient_threats(a, d, threats))
-        if "eot" in threats and not a.spec.gradient_free:
-            steps += sum(d.defense.randomized for d in others)
+            steps += len(_defended_threats(a, d, threats))
     return steps
 
 
-def _gradient_threats(a: _Attack, d: _Defense, threats: tuple[str, ...]) -> list[str]:
-    """The gradient threat models that apply to (attack, defense): bpda always; the others only
-    where the defense offers that gradient and the attack uses gradients (a gradient-free attack
-    would only query a relaxed forward pass)."""
+def _defended_threats(a: _Attack, d: _Defense, threats: tuple[str, ...]) -> list[str]:
+    """The threat models under which (attack, defense) attacks the defended model: bpda always; the
+    other gradient rules only where the defense offers them and the attack uses gradients (a
+    gradient-free attack would only query a relaxed forward pass); EOT for a randomized defense
+    and a gradient-based attack."""
     out = []
     for threat, gradient in GRADIENT_THREATS.items():
         if threat in threats and gradient in d.defense.attack_gradients and (threat == "bpda" or not a.spec.gradient_free):
             out.append(threat)
+    if "eot" in threats and d.defense.randomized and not a.spec.gradient_free:
+        out.append("eot")
     return out
 
 
@@ -400,11 +599,15 @@ def _classifier_info(path, spec, model) -> dict:
 
 
 def run(config: Config, *, json_path: str | None = None, markdown_path: str | None = None,
-        plot_path: str | None = None, quiet: bool = False) -> Result:
-    """The whole evaluation; writes the JSON, markdown and plot last, when asked to."""
+        plot_path: str | None = None, state_path: str | None = None, examples_path: str | None = None,
+        eps_curve_path: str | None = None, quiet: bool = False) -> Result:
+    """The whole evaluation; writes the JSON, markdown and figures last, when asked to. With
+    ``state_path``, resumes from the units finished there and saves each new one there."""
     started = time.perf_counter()
     config = validate(config)
-    for path, option in ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot")):
+    outputs = ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot"), (state_path, "--state"),
+               (examples_path, "--examples"), (eps_curve_path, "--eps-curve"))
+    for path, option in outputs:
         check_output_path(path, option)
     classifier, spec = classifiers.load(config.classifier)
     dataset = (config.dataset or spec.dataset or "").lower()
@@ -424,6 +627,9 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
             defenses.remove(d)  # by default, PSSR joins only where a purifier exists for this classifier
             if not quiet:
                 print(f"note: {exc}; evaluating without pssr", file=sys.stderr)
+    pssr_defense = next((d.defense for d in defenses if isinstance(d.defense, PssrDefense)), None)
+    if examples_path and pssr_defense is None:
+        raise EvalError("--examples draws PSSR's stages: add --defense pssr (or pssr:path=FILE)")
     data = data.subset(config.limit)  # the first N, in data-set order
     n = len(data)
     m = min(config.limit_expensive, n)
@@ -445,13 +651,19 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
         "threads": torch.get_num_threads(), "device": "cpu",
     }
     result = Result(resolved, _classifier_info(config.classifier, spec, classifier), config.seed)
+    state = None
+    if state_path:
+        state = State.open(state_path, defining_options(resolved, result.classifier["sha256"], data, defenses))
+        if state.units and not quiet:
+            print(f"note: resuming from {state_path}: {len(state.units)} finished runs", file=sys.stderr)
     show = not quiet and sys.stderr.isatty()
     total = plan_size(defenses, atts, threats)
     with tqdm(total=total, disable=not show, file=sys.stderr, unit="run", dynamic_ncols=True) as bar:
-        ev = _Evaluation(config, classifier, x, y, defenses, n, m, bar)
+        ev = _Evaluation(config, classifier, x, y, defenses, n, m, bar, state)
         result.clean = [ev.clean(d) for d in defenses]
         for a in atts:
             _run_attack(ev, a, defenses, threats)
+        rows = _example_rows(pssr_defense, classifier, atts, x, y, config, bar) if examples_path else []
         bar.set_description_str("done")
     order_d = {d.name: i for i, d in enumerate(defenses)}
     order_a = {a.text: i for i, a in enumerate(atts)}
@@ -465,9 +677,25 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
             report.write_markdown(markdown_path, result)
         if plot_path:
             report.write_plot(plot_path, result)
+        if examples_path:
+            figures.example_grid(rows, examples_path, spec.classes)
+        if eps_curve_path:
+            figures.eps_curve(figures.curves_from_result(result), eps_curve_path,
+                              title=f"{dataset}: PGD, strongest threat model per ε, n={n}")
     except OSError as exc:
         raise EvalError(f"cannot write {exc.filename or 'an output file'}: {exc.strerror or exc}") from exc
     return result
+
+
+def _example_rows(defense, classifier, atts: list[_Attack], x, y, config: Config, bar, k: int = 3) -> list:
+    """Per attack, PSSR's stages on the first k images, attacked by transfer (on f) with their own seed:
+    pictures of the defense at work, not the runs behind the table's numbers."""
+    rows = []
+    for a in atts:
+        x_adv, _ = _attack(a, classifier, x[:k], y[:k], run_seed(config.seed, "examples", a.text), config,
+                           f"{a.text} examples", bar)
+        rows.append(figures.example_row(defense, a.spec.label(), x[:k], x_adv, y[:k].tolist()))
+    return rows
 
 
 def _run_attack(ev: _Evaluation, a: _Attack, defenses: list[_Defense], threats: tuple[str, ...]) -> None:
@@ -477,21 +705,8 @@ def _run_attack(ev: _Evaluation, a: _Attack, defenses: list[_Defense], threats: 
     # The undefended attack: oblivious for every defense; for 'none' it is also its BPDA attack.
     shared_tag = "oblivious" if "oblivious" in threats else ("bpda" if "bpda" in threats and identity else None)
     if shared_tag:
-        x_adv, seconds = ev.attack(a, None, shared_tag)
-        for d in identity:
-            ev.score(d, a, shared_tag, x_adv, seconds)
-        ev.bar.update()
-        if shared_tag == "oblivious":
-            for d in others:
-                ev.bar.set_description_str(f"{a.text} transferred to {d.name}")
-                ev.score(d, a, "oblivious", x_adv, seconds)
-                ev.bar.update()
+        transfer = others if shared_tag == "oblivious" else []
+        ev.unit(a, "none", shared_tag, 1 + len(transfer), functools.partial(ev.shared, a, shared_tag, identity, transfer))
     for d in others:
-        for threat in _gradient_threats(a, d, threats):
-            x_adv, seconds = ev.attack(a, d, threat)
-            ev.score(d, a, threat, x_adv, seconds)
-            ev.bar.update()
-        if "eot" in threats and d.defense.randomized and not a.spec.gradient_free:
-            x_adv, seconds = ev.attack(a, d, "eot")
-            ev.score(d, a, "eot", x_adv, seconds)
-            ev.bar.update()
+        for threat in _defended_threats(a, d, threats):
+            ev.unit(a, d.name, threat, 1, functools.partial(ev.defended, a, d, threat))

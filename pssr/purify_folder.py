@@ -43,6 +43,18 @@ Choices, stated once (the CLI's help repeats them):
 * **Batches.** Images are batched per model (all of a model's images have its size once converted).
   ``seconds`` of an ``ok`` file is its decode, encode and write time plus its share of its batch's
   model time (null for the others).
+* **Masks** (``save_masks``). Beside each output ``NAME.EXT``: ``NAME.mask.png``, the surgery mask
+  (white = removed), and ``NAME.strip.png``, four panels side by side: the input as the model saw it
+  (converted and resized) | the mask | the regenerated output | ``|output - input|`` x4, clipped to
+  1 (white = a change of a quarter of the range or more; kept pixels are 0). Both are enlarged by
+  ``view_scale(size)`` = max(1, 128 // size) (nearest), 4x for the 28 and 32 px models: the mask
+  is then 112x112 or 128x128 and the strip 4 x 112 = 448 by 112, or 512 by 128. They follow the
+  outputs' rules (atomic writes, no replacing without ``overwrite``, the output written last): a
+  file is skipped only when all its files exist; otherwise it is purified again and only the
+  missing ones are written. A write error removes the files of that input already written. The
+  manifest records their paths (``mask``, ``strip``; null without ``save_masks``). A mask or strip
+  name that an earlier (sorted) input owns (an input called ``a.mask.png`` beside ``a.png``, or
+  ``a.jpg`` beside ``a.png`` with ``fmt="same"``) fails the later input with a message naming the first.
 * **torchrun.** With ``WORLD_SIZE`` > 1, rank R takes files[R::WORLD] of the sorted list; no
   process group is needed. ``--device cuda`` then means ``cuda:LOCAL_RANK``.
 """
@@ -76,6 +88,9 @@ from .regeneration import compose
 MODELS = ("auto", "mnist", "cifar10")
 FORMATS = ("png", "same")
 STAGES = ("decode", "saliency", "surgery", "regeneration", "classify", "encode")  # in the main thread
+MASK_SUFFIX, STRIP_SUFFIX = ".mask.png", ".strip.png"  # --save-masks: NAME.EXT -> NAME.mask.png, NAME.strip.png
+VIEW_PX = 128  # masks and strips are enlarged to about this many pixels per panel side
+DIFF_GAIN = 4  # the strip's difference panel: |output - input| x this, clipped to 1
 WRITERS = 4  # threads writing outputs (file write, fsync, rename): "write" in the profile, overlapped
 # Pillow format and options per output extension; JPEG ("same" only) is the one lossy choice.
 _SAVE = {
@@ -107,7 +122,7 @@ class Options:
     overwrite: bool = False
     quiet: bool = False
     profile: bool = False
-    save_masks: bool = False  # issue 5: also write each mask (not implemented yet)
+    save_masks: bool = False  # also write NAME.mask.png and NAME.strip.png beside each output
 
 
 @dataclass
@@ -176,18 +191,34 @@ def list_files(root: Path, exclude: Path | None = None) -> tuple[list[str], int]
     return sorted(images), ignored
 
 
-def output_names(files: list[str], fmt: str) -> list[tuple[str | None, str | None]]:
-    """(output path relative to OUT, None) per file, or (None, error) when an earlier file owns that name."""
+def view_names(out: str) -> tuple[str, str]:
+    """(mask, strip) paths relative to OUT for the output ``out``: its extension replaced."""
+    stem = Path(out).with_suffix("").as_posix()
+    return stem + MASK_SUFFIX, stem + STRIP_SUFFIX
+
+
+def view_scale(size: int) -> int:
+    """The integer enlargement of masks and strips: about VIEW_PX pixels a side, never shrunk."""
+    return max(1, VIEW_PX // size)
+
+
+def output_names(files: list[str], fmt: str, save_masks: bool = False) -> list[tuple[str | None, str | None]]:
+    """(output path relative to OUT, None) per file, or (None, error) when an earlier file owns one of
+    its names (the output, and with ``save_masks`` its mask and strip)."""
     if fmt not in FORMATS:
         raise PurifyError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
     owner: dict[str, str] = {}
     result = []
     for rel in files:
         out = Path(rel).with_suffix(".png").as_posix() if fmt == "png" else rel
-        if out in owner:
+        names = [out, *view_names(out)] if save_masks else [out]
+        taken = next((n for n in names if n in owner), None)
+        if taken == out:
             result.append((None, f"output {out} is already the output of {owner[out]} (use --format same)"))
+        elif taken:
+            result.append((None, f"{taken} is already written for {owner[taken]} (rename one of them)"))
         else:
-            owner[out] = rel
+            owner.update(dict.fromkeys(names, rel))
             result.append((out, None))
     return result
 
@@ -360,6 +391,38 @@ def write_output(path: Path, data: bytes) -> float:
 
     checkpoint.atomic_write(path, write)
     return time.perf_counter() - t0
+
+
+def write_outputs(blobs: list[tuple[Path, bytes]]) -> float:
+    """write_output for each (path, data) in order; seconds taken. On an error the ones already
+    written are removed, so a failed input leaves none of its files."""
+    done, seconds = [], 0.0
+    try:
+        for path, data in blobs:
+            seconds += write_output(path, data)
+            done.append(path)
+    except BaseException:
+        for path in done:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    return seconds
+
+
+def _zoom(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """(C, H, W) enlarged ``scale`` times by repeating pixels (nearest), so each stays a crisp block."""
+    return x.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+
+
+def encode_views(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> tuple[bytes, bytes]:
+    """(mask PNG, strip PNG) of one image: the mask white where removed; the strip input | mask |
+    output | |output - input| x DIFF_GAIN, both enlarged by view_scale (see the module docstring)."""
+    x_hat = x_hat.detach().float().cpu()
+    m = mask.detach().float().cpu()
+    diff = ((x_hat - x).abs() * DIFF_GAIN).clamp_(max=1)
+    strip = torch.cat([x, m.expand_as(x), x_hat, diff], dim=2)
+    s = view_scale(x.shape[-1])
+    return encode(_zoom(m, s), ".png"), encode(_zoom(strip, s), ".png")
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +606,8 @@ class Manifest:
 def _record(rel: str) -> dict:
     return {"path": rel, "status": None, "error": None, "model": None, "removed_fraction": None,
             "pred_before": None, "pred_after": None, "prob_before": None, "prob_after": None,
-            "class_before": None, "class_after": None, "seconds": None, "conversions": [], "output": None}
+            "class_before": None, "class_after": None, "seconds": None, "conversions": [], "output": None,
+            "mask": None, "strip": None}
 
 
 @contextlib.contextmanager
@@ -572,6 +636,7 @@ class _Item:
     record: dict
     array: np.ndarray
     out_path: Path
+    todo: list[Path]  # the files to write (output, mask, strip): all, or those missing
     seconds: float
 
 
@@ -589,7 +654,7 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
     device = resolve_device(options.device, env)
     models = Models(options, device)  # checks the options; loads nothing yet
     files, ignored = list_files(src, exclude=dst)
-    names = output_names(files, options.fmt)
+    names = output_names(files, options.fmt, options.save_masks)
     mine = list(zip(files, names))[rank::world]
     if say is None:
         def say(msg):
@@ -600,7 +665,8 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
         manifest = Manifest(manifest_path)
     except OSError as exc:
         raise PurifyError(f"cannot write the manifest {manifest_path}: {_one_line(first_line(exc))}") from None
-    _remove_stale_temps(dst, [out for _, (out, _) in mine if out] + [manifest_path.name])
+    ours = [name for _, (out, _) in mine if out for name in (out, *view_names(out))]
+    _remove_stale_temps(dst, ours + [manifest_path.name])
     summary = Summary(ignored=ignored, output=dst, manifest=manifest_path, rank=rank, world=world)
     times = summary.times
     pending: dict[str, list[_Item]] = defaultdict(list)
@@ -618,7 +684,8 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
         bar.update(1)
 
     def fail(rec: dict, error: str) -> None:
-        rec["status"], rec["error"], rec["output"] = "failed", error, None
+        rec["status"], rec["error"] = "failed", error
+        rec["output"] = rec["mask"] = rec["strip"] = None
         say(f"failed {rec['path']}: {error}")
         finish(rec)
 
@@ -657,8 +724,10 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
         for i, it in enumerate(items):
             rec = it.record
             t_enc = time.perf_counter()
-            data = encode(out["x_hat"][i], it.out_path.suffix)
-            # issue 5's --save-masks goes here: encode out["mask"][i] and submit its write too
+            blobs = [(it.out_path, encode(out["x_hat"][i], it.out_path.suffix))]
+            if options.save_masks:  # before the output, whose presence then means "done"
+                views = encode_views(torch.from_numpy(it.array), out["x_hat"][i], out["mask"][i])
+                blobs[:0] = zip((dst / rec["mask"], dst / rec["strip"]), views)
             dt = time.perf_counter() - t_enc
             times["encode"] += dt
             pb, pa = out["pred_before"][i], out["pred_after"][i]
@@ -669,7 +738,8 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
                 class_after=classes[pa] if pa < len(classes) else None,
                 seconds=it.seconds + share + dt,
             )
-            inflight.append((rec, writer.submit(write_output, it.out_path, data)))
+            blobs = [(path, data) for path, data in blobs if path in it.todo]
+            inflight.append((rec, writer.submit(write_outputs, blobs)))
         collect(max_inflight)
 
     try:
@@ -682,10 +752,16 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
                     continue
                 out_path = dst / out_rel
                 rec["output"] = out_rel
-                if out_path.is_dir():
-                    fail(rec, f"output {out_rel} is a folder")
+                targets = [out_path]
+                if options.save_masks:
+                    rec["mask"], rec["strip"] = view_names(out_rel)
+                    targets += [dst / rec["mask"], dst / rec["strip"]]
+                folder = next((p for p in targets if p.is_dir()), None)
+                if folder:
+                    fail(rec, f"output {folder.relative_to(dst).as_posix()} is a folder")
                     continue
-                if out_path.exists() and not options.overwrite:
+                todo = targets if options.overwrite else [p for p in targets if not p.exists()]
+                if not todo:
                     rec["status"], rec["error"] = "skipped", "exists"
                     finish(rec)
                     continue
@@ -713,7 +789,7 @@ def run(in_dir, out_dir, options: Options = Options(), *, env=None, say=None) ->
                 rec["conversions"] = decoded.conversions + more
                 t1 = time.perf_counter()
                 times["decode"] += (t1 - t0) - (t_loaded - t_load)
-                pending[key].append(_Item(rec, array, out_path, (t1 - t0) - (t_loaded - t_load)))
+                pending[key].append(_Item(rec, array, out_path, todo, (t1 - t0) - (t_loaded - t_load)))
                 if len(pending[key]) >= options.batch_size:
                     flush(key)
             for key in list(pending):

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from . import attacks, checkpoint, classifiers, config, losses, purifier
+from . import attack_cache, attacks, checkpoint, classifiers, config, losses, purifier
 from .data import load_dataset
 from .interrupt import GracefulStop
 from .regeneration import Regenerator, RegeneratorSpec, compose
@@ -51,6 +51,7 @@ class DataConfig:
     root: str | None = None  # default: --data-root, else $PSSR_DATA_ROOT
     train_limit: int | None = None  # first N training images
     test_limit: int = 500  # test images for the accuracy watched during training
+    cache: bool = True  # make the training attack and the masks once, stored in the run folder (DESIGN §9)
 
 
 @dataclass
@@ -193,17 +194,25 @@ def _has_dropout(G) -> bool:
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in G.modules())
 
 
-def step_loss(f, surgery: PixelSurgery, G, x, y, x_adv, lc: LossConfig) -> tuple[torch.Tensor, dict]:
-    """The training loss of one batch and its terms (floats), G in training mode."""
+def _cut(surgery: PixelSurgery, x, mask):
+    """x_s from a stored mask: exactly the op's (1 − m) x + m · fill."""
+    return torch.where(mask, torch.full_like(x, surgery.config.fill), x), mask
+
+
+def step_loss(f, surgery: PixelSurgery, G, x, y, x_adv, lc: LossConfig, masks=None) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch and its terms (floats), G in training mode.
+
+    ``masks``: (mask of x_adv, mask of x) from the attack cache; None to run the surgery here.
+    """
     with torch.no_grad():
-        xs_a, m_a, _ = surgery(x_adv)
+        xs_a, m_a = _cut(surgery, x_adv, masks[0]) if masks else surgery(x_adv)[:2]
         target_features = f.features(x)
     parts_x, parts_m, names = [xs_a], [m_a], ["adv"]
     if lc.rdrop > 0 and _has_dropout(G):  # without dropout the second pass would equal the first
         parts_x.append(xs_a), parts_m.append(m_a), names.append("adv2")
     if lc.clean_path:
         with torch.no_grad():
-            xs_c, m_c, _ = surgery(x)
+            xs_c, m_c = _cut(surgery, x, masks[1]) if masks else surgery(x)[:2]
         parts_x.append(xs_c), parts_m.append(m_c), names.append("clean")
     xs, m = torch.cat(parts_x), torch.cat(parts_m)
     x_hat = compose(xs, m, G(xs, m))  # one pass: dropout draws differ per image
@@ -317,8 +326,10 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                              "classifier_sha256": classifier_sha})
         dd.barrier()
 
-    started, run_steps = time.time(), 0
     show = dd.main and not quiet and sys.stderr.isatty()
+    cache = _attack_cache(out / "attack-cache.safetensors", train, f, surgery, attack, classifier_sha, dataset,
+                          tc.seed, dd, show, quiet) if cfg.data.cache else None
+    started, run_steps = time.time(), 0
     with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar, \
             GracefulStop(dd.world) as stop:
         log = Logger(log_path, bar, quiet) if dd.main else (lambda *a, **k: None)
@@ -330,10 +341,14 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                 idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size][dd.rank :: dd.world]
                 x = train.images[idx].float().div_(255).to(dd.device)
                 y = train.labels[idx].to(dd.device)
-                x_adv = attacks.run_attack(attack, f, x, y, seed=_seed(tc.seed, epoch, b, dd.rank, 1),
-                                           batch_size=len(x))
+                if cache is None:
+                    x_adv, masks = attacks.run_attack(attack, f, x, y, seed=_seed(tc.seed, epoch, b, dd.rank, 1),
+                                                      batch_size=len(x)), None
+                else:
+                    x_adv = cache.x_adv[idx].to(dd.device)
+                    masks = cache.mask_adv[idx].to(dd.device), cache.mask_clean[idx].to(dd.device)
                 torch.manual_seed(_seed(tc.seed, epoch, b, dd.rank, 2))  # this step's dropout draws
-                loss, terms = step_loss(f, surgery, model, x, y, x_adv, lc)
+                loss, terms = step_loss(f, surgery, model, x, y, x_adv, lc, masks)
                 lr = lr_at(step, total, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -382,6 +397,27 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
         log({"final": True, **summary})
     dd.barrier()
     return summary
+
+
+def _attack_cache(path: Path, train, f, surgery, attack, classifier_sha: str, dataset: str, seed: int, dd: Dist,
+                  show: bool, quiet: bool) -> attack_cache.Cached:
+    """The stored training attack if it matches this run, else made now (all processes) and stored."""
+    want = attack_cache.key(classifier_sha, attack.label(), surgery.config, dataset, len(train), seed)
+    cached = attack_cache.load(path, want)
+    if cached is not None:
+        return cached
+    started = time.time()
+    with tqdm(total=len(train), disable=not show, file=sys.stderr, unit="img", desc="training attack (once)",
+              dynamic_ncols=True) as bar:
+        cached = attack_cache.make(train.images, train.labels, f, surgery, attack, seed, rank=dd.rank,
+                                   world=dd.world, device=dd.device, progress=lambda k: bar.update(k * dd.world))
+    if dd.main:
+        attack_cache.save(path, cached, want)
+    if dd.main and not quiet:
+        print(f"made the training attack for {len(train)} images in {time.time() - started:.0f} s: {path}",
+              file=sys.stderr)
+    dd.barrier()
+    return cached
 
 
 @contextlib.contextmanager

@@ -20,13 +20,7 @@ DEFENSES = ("none", "bit-depth:bits=1", "median")
 N, M = 32, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on 2 cores shared with a training job, 2 threads run ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the 2 cores are shared
 
 
 @pytest.fixture(scope="module")

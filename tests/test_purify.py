@@ -19,7 +19,7 @@ from pssr.surgery import SurgeryConfig
 from pssr_cli.main import cli
 
 FIELDS = {"path", "status", "error", "model", "removed_fraction", "pred_before", "pred_after", "prob_before",
-          "prob_after", "seconds", "conversions", "output"}
+          "prob_after", "seconds", "conversions", "output", "mask", "strip"}
 _REAL_SHIPPED = purifier.shipped_path
 
 
@@ -514,3 +514,107 @@ def test_profile_and_subprocess_end_to_end(tmp_path, models):
         assert f"  {stage} " in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(_manifest(out / "manifest.jsonl")) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# --save-masks
+
+
+def _grid(path: Path, scale: int) -> np.ndarray:
+    """A mask or strip back at the model's size, after checking that it is a nearest enlargement."""
+    a = np.asarray(Image.open(path))
+    small = a[::scale, ::scale]
+    np.testing.assert_array_equal(np.repeat(np.repeat(small, scale, 0), scale, 1), a)
+    return small
+
+
+def test_save_masks_writes_mask_and_strip(tmp_path, mixed_folder, models):
+    src, good, bad = mixed_folder
+    out = tmp_path / "out"
+    result = _invoke(src, out, "--model", models["mnist"], "--batch-size", 2, "--save-masks")
+    assert result.exit_code == 1 and "5 ok, 0 skipped, 3 failed" in result.stdout  # bad files stop nothing
+    views = {name for o in good.values() for name in purify_folder.view_names(o)}
+    assert _files(out) == set(good.values()) | views | {"manifest.jsonl"}
+    records = _by_path(out / "manifest.jsonl")
+    assert all(records[rel]["mask"] is None and records[rel]["strip"] is None for rel in bad)
+    s = purify_folder.view_scale(28)
+    assert s == 4
+    for rel, out_rel in good.items():
+        r = records[rel]
+        stem = out_rel[: -len(".png")]
+        assert (r["mask"], r["strip"]) == (stem + ".mask.png", stem + ".strip.png")
+        with Image.open(out / r["mask"]) as img:
+            assert (img.format, img.mode, img.size) == ("PNG", "L", (28 * s, 28 * s))
+        with Image.open(out / r["strip"]) as img:
+            assert (img.format, img.mode, img.size) == ("PNG", "L", (4 * 28 * s, 28 * s))
+        mask = _grid(out / r["mask"], s)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert (mask == 255).mean() == pytest.approx(r["removed_fraction"], abs=1e-6)
+        given, shown_mask, regenerated, diff = np.split(_grid(out / r["strip"], s), 4, axis=1)
+        np.testing.assert_array_equal(given, np.asarray(Image.open(src / rel).convert("L")))
+        np.testing.assert_array_equal(shown_mask, mask)
+        np.testing.assert_array_equal(regenerated, np.asarray(Image.open(out / out_rel)))
+        kept = mask == 0
+        assert (given[kept] == regenerated[kept]).all() and (diff[kept] == 0).all()
+        amplified = np.minimum(np.abs(regenerated.astype(int) - given) * purify_folder.DIFF_GAIN, 255)
+        assert np.abs(diff.astype(int) - amplified).max() <= purify_folder.DIFF_GAIN  # 8-bit rounding only
+
+
+def test_save_masks_colour_sizes(tmp_path, models):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _colour(np.random.default_rng(15), 40, 50).save(src / "c.png")
+    result = _invoke(src, out, "--model", models["cifar10"], "--save-masks")
+    assert result.exit_code == 0, result.output
+    for name, mode, size in (("c.mask.png", "L", (128, 128)), ("c.strip.png", "RGB", (4 * 128, 128))):
+        with Image.open(out / name) as img:
+            assert (img.mode, img.size) == (mode, size)
+
+
+def test_save_masks_rerun_skips_and_writes_only_what_is_missing(tmp_path, models):
+    rng = np.random.default_rng(16)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        _grey(rng).save(src / f"g{i}.png")
+    assert _invoke(src, out, "--model", models["mnist"], "--save-masks").exit_code == 0
+    before = {name: ((out / name).read_bytes(), (out / name).stat().st_mtime_ns)
+              for name in _files(out) - {"manifest.jsonl"}}
+    result = _invoke(src, out, "--model", models["mnist"], "--save-masks")
+    assert result.exit_code == 0 and "0 ok, 3 skipped, 0 failed" in result.stdout
+    assert {name: (out / name).stat().st_mtime_ns for name in before} == {n: v[1] for n, v in before.items()}
+    # a missing mask (or output) makes its file run again; what exists is kept, not replaced
+    (out / "g1.mask.png").unlink()
+    (out / "g2.png").unlink()
+    result = _invoke(src, out, "--model", models["mnist"], "--save-masks")
+    assert result.exit_code == 0 and "2 ok, 1 skipped, 0 failed" in result.stdout
+    for name, (data, mtime) in before.items():
+        assert (out / name).read_bytes() == data  # the same purifier gives the same files
+        kept = name not in ("g1.mask.png", "g2.png")
+        assert ((out / name).stat().st_mtime_ns == mtime) == kept, name
+    records = _by_path(out / "manifest.jsonl")
+    assert all(r["status"] == "ok" and r["mask"] == r["path"][:-4] + ".mask.png" for r in records.values())
+
+
+def test_save_masks_name_clash_and_write_error(tmp_path, models, monkeypatch):
+    rng = np.random.default_rng(17)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a.png", "a.mask.png", "g.png"):
+        _grey(rng).save(src / name)
+    real_write = purify_folder.write_output
+
+    def full_disk(path, data):
+        if path.name == "g.strip.png":
+            raise OSError(28, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(purify_folder, "write_output", full_disk)
+    result = _invoke(src, out, "--model", models["mnist"], "--save-masks")
+    assert result.exit_code == 1 and "1 ok, 0 skipped, 2 failed" in result.stdout
+    r = _by_path(out / "manifest.jsonl")
+    assert r["a.mask.png"]["status"] == "ok"  # sorted first, so it owns the name a.mask.png
+    assert r["a.png"]["status"] == "failed" and "a.mask.png is already written for a.mask.png" in r["a.png"]["error"]
+    assert r["g.png"]["status"] == "failed" and "No space left" in r["g.png"]["error"]
+    # g.png's mask was written before its strip failed, and removed: a failed input leaves no file
+    assert _files(out) == {"a.mask.png", "a.mask.mask.png", "a.mask.strip.png", "manifest.jsonl"}

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from pssr import attacks, classifiers, purifier, train_purifier
+from pssr import attack_cache, attacks, checkpoint, classifiers, purifier, train_purifier
 from pssr.config import ConfigError
 from pssr.data import load_dataset
 from pssr.regeneration import Regenerator, RegeneratorSpec
@@ -76,21 +76,23 @@ def test_short_real_run_lowers_the_loss(tmp_path):
     assert spec.extra["steps"] == 48 and "PGD" in spec.extra["attack"]
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_resume_is_exact(tmp_path, cache):
     torch.set_num_threads(1)
-    cfg = tiny_config("train.epochs=2")  # 4 steps an epoch
+    cfg = tiny_config("train.epochs=2", f"data.cache={cache}")  # 4 steps an epoch
     straight = tmp_path / "straight"
     train_purifier.run(cfg, straight, data_root=DATA, quiet=True)
+    assert (straight / "attack-cache.safetensors").is_file() == (cache == "true")
 
     resumed = tmp_path / "resumed"
-    stop = tiny_config("train.epochs=2", "train.stop_after_steps=3")
+    stop = tiny_config("train.epochs=2", "train.stop_after_steps=3", f"data.cache={cache}")
     first = train_purifier.run(stop, resumed, data_root=DATA, quiet=True)
     assert first["stopped_at_step"] == 3
     with pytest.raises(train_purifier.TrainError, match="already holds a run"):
         train_purifier.run(stop, resumed, data_root=DATA, quiet=True)
     with pytest.raises(train_purifier.TrainError, match="another config"):
-        train_purifier.run(tiny_config("train.epochs=2", "loss.rdrop=0.5"), resumed, resume=True, data_root=DATA,
-                           quiet=True)
+        train_purifier.run(tiny_config("train.epochs=2", "loss.rdrop=0.5", f"data.cache={cache}"), resumed,
+                           resume=True, data_root=DATA, quiet=True)
     train_purifier.run(stop, resumed, resume=True, data_root=DATA, quiet=True)  # 3 more steps
     train_purifier.run(cfg, resumed, resume=True, data_root=DATA, quiet=True)  # the last 2
     a = load_file(str(straight / "purifier.safetensors"))
@@ -98,6 +100,45 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _attack_and_surgery(cfg):
+    f, _ = classifiers.load(purifier.shipped_path("classifier-mnist"))
+    return f, attacks.parse_attack(cfg.attack, "mnist"), PixelSurgery(f, cfg.surgery)
+
+
+def test_attack_cache_holds_what_the_on_the_fly_path_computes_and_is_reused(tmp_path, monkeypatch):
+    """The stored PGD examples and masks are the attack and the op's own; a resume does not remake them,
+    a cache made for another attack is remade."""
+    torch.set_num_threads(1)
+    cfg = tiny_config("train.stop_after_steps=1")
+    out = tmp_path / "r"
+    train_purifier.run(cfg, out, data_root=DATA, quiet=True)
+    tensors, info = checkpoint.load(out / "attack-cache.safetensors")
+    train = load_dataset("mnist", DATA, "train").subset(64)
+    x, y = train.images.float() / 255, train.labels
+    f, attack, surgery = _attack_and_surgery(cfg)
+    x_adv = attacks.run_attack(attack, f, x, y, seed=attack_cache.chunk_seed(cfg.train.seed, 0))
+    assert torch.equal(tensors["x_adv"], x_adv)
+    assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and not torch.equal(x_adv, x)
+    assert torch.equal(tensors["mask_adv"], surgery(x_adv)[1]) and torch.equal(tensors["mask_clean"], surgery(x)[1])
+    assert info["key"]["attack"] == attack.label() and info["key"]["images"] == 64
+
+    made = {"n": 0}
+    real_make = attack_cache.make
+
+    def counting_make(*a, **k):
+        made["n"] += 1
+        return real_make(*a, **k)
+
+    monkeypatch.setattr(attack_cache, "make", counting_make)
+    train_purifier.run(tiny_config("train.stop_after_steps=1"), out, resume=True, data_root=DATA, quiet=True)
+    assert made["n"] == 0
+    attack_cache.save(out / "attack-cache.safetensors", attack_cache.Cached(tensors["x_adv"], tensors["mask_adv"],
+                      tensors["mask_clean"]), {**info["key"], "attack": "PGD-L∞ something else"})
+    train_purifier.run(tiny_config("train.stop_after_steps=1"), out, resume=True, data_root=DATA, quiet=True)
+    assert made["n"] == 1
+    assert attack_cache.load(out / "attack-cache.safetensors", info["key"]) is not None
 
 
 def test_cli_train_errors_are_one_line(tmp_path):
@@ -118,7 +159,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     base = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "pssr_cli.main", "train", "mnist",
             "--data-root", DATA, "--out", str(out), "-q", *sum((["--set", s] for s in TINY), []),
-            "--set", "train.epochs=2"]
+            "--set", "train.epochs=2", "--set", "data.train_limit=600", "--set", "train.max_steps=8"]  # 3 chunks
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*base, "--set", "train.stop_after_steps=3"], capture_output=True, text=True, env=env,
                        timeout=600)
@@ -131,6 +172,13 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert steps == list(range(1, 9)) and all(rec["world"] == 2 for rec in log if "loss" in rec)
     p, _, _ = purifier.load(out / "purifier.safetensors")
     assert all(torch.isfinite(t).all() for t in p.regenerator.state_dict().values())
+    # each process attacked every other chunk; together they stored what one process makes
+    cfg = tiny_config("data.train_limit=600")
+    train = load_dataset("mnist", DATA, "train").subset(600)
+    f, attack, surgery = _attack_and_surgery(cfg)
+    one = attack_cache.make(train.images, train.labels, f, surgery, attack, cfg.train.seed)
+    stored = load_file(str(out / "attack-cache.safetensors"))
+    assert torch.equal(stored["x_adv"], one.x_adv) and torch.equal(stored["mask_adv"], one.mask_adv)
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
@@ -165,8 +213,6 @@ def test_signal_stops_at_a_step_boundary_and_resume_is_exact(tmp_path, monkeypat
 
 
 def test_resume_refuses_another_process_count_or_classifier(tmp_path):
-    from pssr import checkpoint
-
     cfg = tiny_config("train.stop_after_steps=1")
     out = tmp_path / "r"
     train_purifier.run(cfg, out, data_root=DATA, quiet=True)
