@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The README's robustness tables: every defense (baselines and PSSR) under every attack and
-# threat model, on the shipped classifier of a data set. One `pssr eval` per defense, so that a
-# stopped session loses one defense's run, not the table (a finished defense is skipped); then
-# scripts/merge_eval.py joins them (a defense's worst case only involves its own runs, and the
-# oblivious attacks are seeded by name, so every run makes the same ones).
+# threat model, on the shipped classifier of a data set. Two `pssr eval` runs, each resumable
+# with --state (rerun this script after an interruption: finished attack runs are skipped):
+# the baselines together (the oblivious attacks on the undefended classifier are made once for
+# all of them), then PSSR where a purifier for the data set ships. scripts/merge_eval.py joins
+# them (a defense's worst case only involves its own runs, and the oblivious attacks are seeded
+# by name, so both runs make the same ones).
 #   DATA_ROOT=../shared/data bash scripts/eval-tables.sh mnist
-# Env: LIMIT (1000), LIMIT_EXPENSIVE (200), SEED (0), DEFENSES and ATTACKS (space-separated).
+# Env: LIMIT (1000), LIMIT_EXPENSIVE (200), SEED (0), BASELINES and ATTACKS (space-separated).
 set -euo pipefail
 dataset="${1:-mnist}"
 DATA_ROOT="${DATA_ROOT:-../shared/data}"
 LIMIT="${LIMIT:-1000}"
 LIMIT_EXPENSIVE="${LIMIT_EXPENSIVE:-200}"
 SEED="${SEED:-0}"
-DEFENSES="${DEFENSES:-none jpeg bit-depth:bits=4 bit-depth:bits=1 median tvm pssr}"
+BASELINES="${BASELINES:-none jpeg bit-depth:bits=4 bit-depth:bits=1 median tvm}"
 if [ "$dataset" = mnist ]; then
   ATTACKS="${ATTACKS:-fgsm pgd mifgsm cw deepfool autoattack square}"
 else
@@ -21,13 +23,26 @@ fi
 out="results/$dataset"
 mkdir -p "$out"
 attack_args=(); for a in $ATTACKS; do attack_args+=(--attack "$a"); done
-for d in $DEFENSES; do
-  json="$out/$(echo "$d" | tr ':=,' '___').json"
-  [ -f "$json" ] && { echo "$d: done ($json)"; continue; }
-  echo "$d: evaluating" >&2
+
+evaluate() {  # evaluate NAME DEFENSE...
+  local name="$1"; shift
+  local json="$out/$name.json" defense_args=()
+  [ -f "$json" ] && { echo "$name: done ($json)" >&2; return; }
+  for d in "$@"; do defense_args+=(--defense "$d"); done
+  echo "$name: evaluating ($*)" >&2
   pssr eval --classifier "pssr/weights/classifier-$dataset.safetensors" --data-root "$DATA_ROOT" \
-    --defense "$d" "${attack_args[@]}" --limit "$LIMIT" --limit-expensive "$LIMIT_EXPENSIVE" \
-    --seed "$SEED" -q --json "$json" > /dev/null
-done
-python scripts/merge_eval.py "$out"/*.json --json "results/$dataset.json" --markdown "results/$dataset.md" \
+    "${defense_args[@]}" "${attack_args[@]}" --limit "$LIMIT" --limit-expensive "$LIMIT_EXPENSIVE" \
+    --seed "$SEED" --state "$out/$name.state.safetensors" -q --json "$json" > /dev/null
+}
+
+# shellcheck disable=SC2086
+evaluate baselines $BASELINES
+reports=("$out/baselines.json")
+if [ -f "pssr/weights/purifier-$dataset.safetensors" ]; then
+  evaluate pssr pssr
+  reports+=("$out/pssr.json")
+else
+  echo "pssr: no pssr/weights/purifier-$dataset.safetensors yet; the table holds the baselines only" >&2
+fi
+python scripts/merge_eval.py "${reports[@]}" --json "results/$dataset.json" --markdown "results/$dataset.md" \
   --plot "results/$dataset.png"

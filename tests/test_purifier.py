@@ -219,3 +219,16 @@ def test_eval_runs_every_pssr_threat_model(tmp_path, mnist_classifier):
         if r.n == worst[r.defense].n:
             assert worst[r.defense].robust_accuracy <= r.robust_accuracy + 1e-9
     assert worst[pssr_name].runs == 6
+
+
+def test_regenerator_output_clamp_passes_only_inward_gradients():
+    """In range: the identity. Out of range: a gradient that would push the value further out is
+    dropped (the cross-entropy drifted pre-activations away), one that pulls it back passes."""
+    from pssr.regeneration import _ClampInward
+
+    a = torch.tensor([-0.5, -0.5, 0.5, 0.5, 1.5, 1.5], requires_grad=True)
+    out = _ClampInward.apply(a)
+    assert torch.equal(out, a.detach().clamp(0, 1))
+    grad = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # descent moves a by -grad
+    (g,) = torch.autograd.grad(out, a, grad)
+    assert g.tolist() == [0.0, -1.0, 1.0, -1.0, 1.0, 0.0]
