@@ -11,11 +11,13 @@ from pssr.defenses import DefenseError
 
 @click.command("eval")
 @click.option("--classifier", "classifier_path", required=True, type=click.Path(), metavar="PATH",
-              help="Classifier checkpoint (.safetensors, from pssr train-classifier); "
-                   "its data set picks the attack presets.")
-@click.option("--dataset", default=None, help="Test data set (mnist, cifar10, cifar100). Default: the checkpoint's.")
+              help="Classifier checkpoint (.safetensors, from pssr train-classifier or "
+                   "pssr.classifiers.export); its data set picks the attack presets (mnist: MNIST's, anything "
+                   "else: CIFAR-10's). A checkpoint of your own architecture imports its module: trust it.")
+@click.option("--dataset", default=None, help="Test data set (mnist, cifar10, cifar100, or folder:PATH, an image "
+              "folder whose test/ split is used). Default: the checkpoint's.")
 @click.option("--data-root", type=click.Path(), envvar="PSSR_DATA_ROOT",
-              help="Folder holding the data sets (also $PSSR_DATA_ROOT).")
+              help="Folder holding the data sets (also $PSSR_DATA_ROOT); a relative folder:PATH is under it.")
 @click.option("--defense", "defenses", multiple=True, metavar="SPEC",
               help="Defense, e.g. jpeg:quality=50, pssr or pssr:path=FILE (repeatable). Default: "
                    + ", ".join(evaluate.DEFAULT_DEFENSES) + " (pssr where a shipped purifier fits the classifier).")

@@ -7,7 +7,7 @@ import click
 from pssr import config, train_purifier
 from pssr.attacks import AttackError
 from pssr.checkpoint import CheckpointError
-from pssr.data import DataError
+from pssr.data import DataError, short_name
 
 
 @click.command("train")
@@ -17,7 +17,7 @@ from pssr.data import DataError
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run folder (state, log.jsonl, purifier.safetensors). Default: runs/purifier-<dataset>.")
 @click.option("--data-root", type=click.Path(file_okay=False), envvar="PSSR_DATA_ROOT",
-              help="Folder holding the data sets (also $PSSR_DATA_ROOT).")
+              help="Folder holding the data sets (also $PSSR_DATA_ROOT); a relative folder:PATH is under it.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out exactly where it stopped.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when there is a GPU), cpu or cuda; under torchrun cuda means cuda:LOCAL_RANK.")
@@ -34,13 +34,21 @@ def train_command(config_source, overrides, out_dir, data_root, resume, device, 
     \b
     On several processes or machines (each takes its share of every batch):
       torchrun --nproc_per_node 2 -m pssr_cli.main train mnist --out runs/p
-    The classifier itself comes from `pssr train-classifier`.
+    The classifier itself comes from `pssr train-classifier`, or is your own
+    (pssr.classifiers.export; see docs/guide.md): --set classifier=PATH.
+
+    \b
+    Data (data.dataset, default the classifier's): mnist, cifar10, cifar100,
+    or folder:PATH, an image folder with PATH/train/<class>/<image> and
+    PATH/test/<class>/<image> (PATH under --data-root unless absolute).
+    The attack presets of a folder data set are CIFAR-10's (L-inf 8/255):
+    override with e.g. --set attack=pgd:eps=0.3,steps=10.
     """
     try:
         cfg = train_purifier.load_config(config_source, overrides)
         with train_purifier.distributed_cleanup():
             dataset = cfg.data.dataset or ("mnist" if "mnist" in cfg.classifier.lower() else "cifar10")
-            out_dir = out_dir or f"runs/purifier-{dataset}"
+            out_dir = out_dir or f"runs/purifier-{short_name(dataset)}"
             summary = train_purifier.run(cfg, out_dir, resume=resume, data_root=data_root, quiet=quiet,
                                             device=device)
     except (config.ConfigError, train_purifier.TrainError, DataError, CheckpointError, AttackError) as exc:

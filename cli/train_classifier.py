@@ -4,7 +4,7 @@ import click
 
 from pssr import config, train_classifier
 from pssr.checkpoint import CheckpointError
-from pssr.data import DataError
+from pssr.data import DataError, short_name
 
 
 @click.command("train-classifier")
@@ -14,11 +14,19 @@ from pssr.data import DataError
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run folder (state, log.jsonl, classifier.safetensors). Default: runs/classifier-<dataset>.")
 @click.option("--data-root", type=click.Path(file_okay=False), envvar="PSSR_DATA_ROOT",
-              help="Folder holding the data sets (also $PSSR_DATA_ROOT).")
+              help="Folder holding the data sets (also $PSSR_DATA_ROOT); a relative folder:PATH is under it.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out exactly where it stopped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or epoch lines (the JSONL log is still written).")
 def train_classifier_command(config_source, overrides, out_dir, data_root, resume, quiet):
     """Train a classifier of the zoo from CONFIG: a preset (mnist, cifar10) or a YAML file.
+
+    \b
+    Data sets (data.dataset): mnist, cifar10, cifar100, or your own image
+    folder as folder:PATH, which holds PATH/train/<class>/<image> and
+    PATH/test/<class>/<image> (.png .jpg .jpeg .bmp .webp; one size; the
+    classes are train/'s sorted sub-folders); PATH is under --data-root
+    unless absolute. E.g.: pssr train-classifier mnist --data-root DIR
+    --set data.dataset=folder:my-images --set model.arch=lenet
 
     Writes OUT/classifier.safetensors (weights, architecture, normalisation and test accuracy
     in its metadata), OUT/log.jsonl and OUT/state.safetensors (resume state, saved atomically
@@ -26,7 +34,7 @@ def train_classifier_command(config_source, overrides, out_dir, data_root, resum
     """
     try:
         cfg = config.load(train_classifier.ClassifierConfig, config_source, overrides, prefix="classifier")
-        out_dir = out_dir or f"runs/classifier-{cfg.data.dataset}"
+        out_dir = out_dir or f"runs/classifier-{short_name(cfg.data.dataset)}"
         summary = train_classifier.run(cfg, out_dir, resume=resume, data_root=data_root, quiet=quiet)
     except (config.ConfigError, train_classifier.TrainError, DataError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -1,20 +1,26 @@
-"""The classifier zoo and its checkpoints.
+"""The classifier zoo, your own architectures, and their checkpoints.
 
 Every classifier takes images in [0, 1]: its normalisation is its first layer, so no caller
 can normalise twice or forget to. Every classifier splits into ``features(x)`` (penultimate
 activations, which the purifier's semantic loss compares) and ``head(features)``.
 A classifier checkpoint stores the architecture spec in its metadata: loading needs nothing else.
+
+An architecture is a zoo name (``lenet``, ``resnet9``, ``resnet18``) or your own, named
+``package.module:factory`` (see :func:`export` and ``pssr.user_arch``). Loading such a checkpoint
+imports that module: load only checkpoints you trust, as with any model code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import checkpoint
+from .user_arch import ArchitectureError, ModuleClassifier, is_user_arch, make_module
 
 KIND = "classifier"
 
@@ -132,36 +138,133 @@ class ClassifierSpec:
     dataset: str = ""
     classes: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)  # e.g. test accuracy, training command
+    arch_kwargs: dict = field(default_factory=dict)  # keyword arguments of the architecture's factory
 
     def __post_init__(self):
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.arch not in ARCHITECTURES and not is_user_arch(self.arch):
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}, "
+                             "or name your own as 'package.module:factory'")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError("mean and std need one value per input channel")
+        if not isinstance(self.arch_kwargs, dict):
+            raise ValueError("arch_kwargs must be a mapping of keyword arguments")
 
 
-def build(spec: ClassifierSpec) -> Classifier:
-    body, head = ARCHITECTURES[spec.arch](spec.in_channels, spec.num_classes, spec.image_size)
-    return Classifier(Normalize(spec.mean, spec.std), body, head)
+def build(spec: ClassifierSpec) -> Classifier | ModuleClassifier:
+    """A fresh classifier of ``spec`` (a user architecture's module is imported here)."""
+    normalize = Normalize(spec.mean, spec.std)
+    if is_user_arch(spec.arch):
+        module = make_module(spec.arch, spec.arch_kwargs)
+        return ModuleClassifier(normalize, module, (spec.in_channels, spec.image_size, spec.image_size))
+    body, head = ARCHITECTURES[spec.arch](spec.in_channels, spec.num_classes, spec.image_size, **spec.arch_kwargs)
+    return Classifier(normalize, body, head)
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], arch: str) -> None:
+    """``model.load_state_dict`` with one line naming what does not fit (torch's spans many)."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(tensors))
+    unexpected = sorted(set(tensors) - set(want))
+    shapes = [k for k in sorted(set(want) & set(tensors)) if tuple(want[k].shape) != tuple(tensors[k].shape)]
+
+    def some(keys):
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"missing {some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {some(unexpected)}")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{k} is {tuple(tensors[k].shape)} in the weights, {tuple(want[k].shape)} in the architecture"
+                        + (f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""))
+    if problems:
+        raise ArchitectureError(f"the weights do not fit architecture {arch!r}: {'; '.join(problems)}")
+    model.load_state_dict(tensors)
 
 
 def save(path, model: Classifier, spec: ClassifierSpec) -> None:
     """Weights + spec (+ the weights' sha256, which purifier checkpoints refer to)."""
     state = model.state_dict()
-    info = {"kind": KIND, "spec": dataclasses.asdict(spec), "sha256": checkpoint.weights_sha256(state)}
+    doc = dataclasses.asdict(spec)
+    if not doc["arch_kwargs"]:
+        del doc["arch_kwargs"]  # the zoo's checkpoints keep the format older pssr versions read
+    info = {"kind": KIND, "spec": doc, "sha256": checkpoint.weights_sha256(state)}
     checkpoint.save(path, state, info)
 
 
-def load(path, device: str | torch.device = "cpu") -> tuple[Classifier, ClassifierSpec]:
-    """A frozen (eval-mode) classifier and its spec, from a checkpoint written by `save`."""
+def load(path, device: str | torch.device = "cpu") -> tuple[Classifier | ModuleClassifier, ClassifierSpec]:
+    """A frozen (eval-mode) classifier and its spec, from a checkpoint written by `save` or `export`.
+
+    For a user architecture (``package.module:factory``) this imports that module.
+    """
     tensors, info = checkpoint.load(path, kind=KIND)
     try:
         raw = dict(info["spec"])
         raw["mean"], raw["std"], raw["classes"] = tuple(raw["mean"]), tuple(raw["std"]), tuple(raw.get("classes", ()))
         spec = ClassifierSpec(**raw)
         model = build(spec)
-        model.load_state_dict(tensors)
+        load_weights(model, tensors, spec.arch)
+    except ArchitectureError as exc:
+        raise checkpoint.CheckpointError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise checkpoint.CheckpointError(f"{path}: does not hold a usable classifier ({str(exc).splitlines()[0]})") from None
     model.eval().requires_grad_(False)
     return model.to(device), spec
+
+
+def export(model: nn.Module, path, *, arch: str, arch_kwargs: dict | None = None, num_classes: int,
+           in_channels: int, image_size: int, mean=None, std=None, dataset: str = "", classes=(),
+           extra: dict | None = None) -> ClassifierSpec:
+    """Write your own trained ``model`` as a pssr classifier checkpoint (safetensors, never a pickle).
+
+    ``arch`` = ``"package.module:factory"``: an importable callable (a class or a function) such
+    that ``factory(**arch_kwargs)`` rebuilds ``model``'s architecture; loading the checkpoint
+    imports that module, so it must be importable there too (e.g. on ``PYTHONPATH``), not a
+    script's ``__main__``. ``mean``/``std``: the per-channel normalisation ``model`` expects on
+    its input; pssr applies it in front of ``model`` so that the checkpoint takes images in
+    [0, 1] like every pssr classifier (default: none, for a model that takes [0, 1] images).
+    ``dataset``: the data set it classifies (``mnist``, ``cifar10``, ``folder:PATH``; picks
+    ``pssr eval``'s test images and attack presets). ``classes``: class names in label order.
+
+    The factory is imported and rebuilt here, the weights loaded into it and its logits compared
+    with ``model``'s, so a name that does not rebuild ``model`` fails now, not at load time.
+    Returns the spec; ``spec.extra["features"]`` says where the purifier's feature loss takes
+    its features (``ModuleClassifier``: "module", "last-linear" or "logits").
+    """
+    if not is_user_arch(arch):
+        raise ArchitectureError(f"arch {arch!r}: name your model's factory as 'package.module:factory'")
+    if arch.partition(":")[0] == "__main__":
+        raise ArchitectureError(f"arch {arch!r}: a script's __main__ cannot be imported when loading; "
+                                "move the model class into a module and name that")
+    arch_kwargs = dict(arch_kwargs or {})
+    try:
+        json.dumps(arch_kwargs)
+    except TypeError as exc:
+        raise ArchitectureError(f"arch_kwargs must be JSON values (numbers, strings, lists, dicts): {exc}") from None
+    mean = tuple(float(v) for v in (mean if mean is not None else (0.0,) * in_channels))
+    std = tuple(float(v) for v in (std if std is not None else (1.0,) * in_channels))
+    spec = ClassifierSpec(arch, num_classes, in_channels, image_size, mean, std, dataset,
+                          tuple(str(c) for c in classes), dict(extra or {}), arch_kwargs)
+    rebuilt = build(spec)
+    state = {f"normalize.{k}": v for k, v in Normalize(mean, std).state_dict().items()}
+    state.update({f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()})
+    load_weights(rebuilt, state, arch)
+    rebuilt.eval()
+    x = torch.rand((2, in_channels, image_size, image_size), generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            ref = model.eval()(rebuilt.normalize(x).to(next(model.parameters(), x).device)).float().cpu()
+            got = rebuilt(x).float()
+    finally:
+        model.train(was_training)
+    if ref.shape != got.shape or not torch.allclose(ref, got, rtol=1e-4, atol=1e-5):
+        raise ArchitectureError(f"arch {arch!r} with arch_kwargs {arch_kwargs} rebuilds a module whose logits differ "
+                                "from the model's: name the factory that built this model")
+    if got.shape[-1] != num_classes:
+        raise ArchitectureError(f"the model gives {got.shape[-1]} logits, num_classes is {num_classes}")
+    spec.extra = {**spec.extra, "features": rebuilt.split}
+    save(path, rebuilt, spec)
+    return spec

@@ -1,5 +1,10 @@
 """Data-set loaders: MNIST, CIFAR-10 and CIFAR-100 in their official formats, and image folders.
 
+A data-set name is ``mnist``, ``cifar10``, ``cifar100`` or ``folder:PATH``: an image folder with
+``train/`` and ``test/`` sub-folders, one sub-folder per class in each (the classes are the
+sorted sub-folder names of ``train/``). PATH is relative to the data root, like every other
+data set, or absolute.
+
 Everything is read from local files (never downloaded) into one uint8 tensor, because the data sets
 are small (≤ 150 MB) and every pipeline wants random access, seeded subsets and whole batches.
 Files are parsed with numpy ``frombuffer`` and checked (magic numbers, sizes, label ranges) so that
@@ -25,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DataError", "ImageDataset", "load_dataset", "load_image_folder"]
+__all__ = ["DATASETS", "DataError", "ImageDataset", "dataset_key", "load_dataset", "load_image_folder", "short_name"]
 
 DATASETS: tuple[str, ...] = ("mnist", "cifar10", "cifar100")
+FOLDER = "folder:"  # prefix of an image-folder data set: folder:PATH
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -431,19 +437,52 @@ def _dataset(name: str, images: np.ndarray, labels: np.ndarray, classes: tuple[s
     return ImageDataset(name, torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), classes)
 
 
+def dataset_key(name: str) -> str:
+    """A data-set name as stored and compared: built-in names lower-cased, a folder's PATH as written."""
+    if isinstance(name, str) and name[: len(FOLDER)].lower() == FOLDER:
+        return FOLDER + name[len(FOLDER) :]
+    return name.lower() if isinstance(name, str) else name
+
+
+def short_name(name: str) -> str:
+    """A name fit for a run folder: ``mnist``, or the folder's own name for ``folder:PATH``."""
+    key = dataset_key(name)
+    if isinstance(key, str) and key.startswith(FOLDER):
+        return Path(key[len(FOLDER) :]).expanduser().name or "folder"
+    return key
+
+
+def folder_path(name: str, root) -> Path:
+    """Where ``folder:PATH`` lives: PATH itself if absolute, else PATH under the data root."""
+    path = Path(dataset_key(name)[len(FOLDER) :]).expanduser()
+    if not str(path) or str(path) == ".":
+        raise DataError(f"{name!r}: name the image folder, e.g. folder:my-images (relative to the data root)")
+    if path.is_absolute():
+        return path
+    if root is None:
+        raise DataError(f"{name}: a relative image folder needs a data root (--data-root or $PSSR_DATA_ROOT)")
+    return Path(root).expanduser() / path
+
+
 def load_dataset(name: str, root, split: str = "test") -> ImageDataset:
-    """Load ``split`` ("train" or "test") of mnist, cifar10 or cifar100 from ``root``.
+    """Load ``split`` ("train" or "test") of mnist, cifar10, cifar100 or ``folder:PATH`` from ``root``.
 
     Looks in ``root`` and its conventional sub-folders (mnist: mnist/, MNIST/raw/; cifar10:
     cifar10/, cifar-10-batches-bin/, cifar-10-batches-py/; cifar100: cifar100/,
     cifar-100-binary/, cifar-100-python/), so both the data root and the data set's own folder
-    work. Raises DataError (one line) for an unknown name or split, or a missing or corrupt file.
+    work. ``folder:PATH`` reads ``PATH/<split>/<class>/<image>`` (PATH under ``root`` unless
+    absolute) with :func:`load_image_folder`, the classes being ``PATH/train``'s sub-folders, so
+    both splits number them alike; the data set is named ``folder:PATH`` as given. Raises
+    DataError (one line) for an unknown name or split, or a missing or corrupt file.
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in DATASETS:
-        raise DataError(f"unknown data set {name!r}: choose from {', '.join(DATASETS)}, or use an image folder")
+    key = dataset_key(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for {key}: choose 'train' or 'test'")
+    if isinstance(key, str) and key.startswith(FOLDER):
+        return _load_folder_split(key, root, split)
+    if key not in DATASETS:
+        raise DataError(f"unknown data set {name!r}: choose from {', '.join(DATASETS)}, "
+                        "or folder:PATH (an image folder)")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder (looking for {key} {split})")
@@ -451,6 +490,19 @@ def load_dataset(name: str, root, split: str = "test") -> ImageDataset:
     if key == "mnist":
         return _load_mnist(paths)
     return _load_cifar(key, fmt, paths)
+
+
+def _load_folder_split(key: str, root, split: str) -> ImageDataset:
+    """One split of a ``folder:PATH`` data set, numbered by the train split's classes."""
+    base = folder_path(key, root)
+    layout = f"{base}/train/<class>/<image> and {base}/test/<class>/<image>"
+    if not base.is_dir():
+        raise DataError(f"{key}: image folder {base} is not a folder (expected {layout})")
+    if not (base / split).is_dir():
+        raise DataError(f"{key}: no {split}/ sub-folder in {base} (expected {layout})")
+    classes = _class_folders(base / "train") if (base / "train").is_dir() else None
+    data = load_image_folder(base / split, classes=classes)
+    return ImageDataset(key, data.images, data.labels, data.classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +561,12 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_image_folder(path, *, size: tuple[int, int] | None = None, channels: int | None = None) -> ImageDataset:
+def _class_folders(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def load_image_folder(path, *, size: tuple[int, int] | None = None, channels: int | None = None,
+                      classes=None) -> ImageDataset:
     """Load ``path/<class>/<image>`` files: sorted sub-folder names are the classes.
 
     Images (.png .jpg .jpeg .bmp .webp, any case) are decoded with Pillow, converted to
@@ -517,7 +574,9 @@ def load_image_folder(path, *, size: tuple[int, int] | None = None, channels: in
     composited on white) and resized to ``size`` = (H, W) with bilinear filtering. Without
     ``size`` all images must already have the same size. Files directly in ``path`` and other
     file types are ignored; an empty class folder is kept as a class (so label numbers follow
-    the folder names) as long as some image exists.
+    the folder names) as long as some image exists. ``classes`` fixes the class names and their
+    order instead (a test split numbered like its train split): a listed class without a
+    sub-folder is an empty class, a sub-folder not listed is an error.
     """
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels!r}")
@@ -528,10 +587,18 @@ def load_image_folder(path, *, size: tuple[int, int] | None = None, channels: in
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} is not a folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = _class_folders(root)
+    if classes is None:
+        classes = found
+    else:
+        classes = [str(c) for c in classes]
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise DataError(f"image folder {root}: class sub-folder(s) {', '.join(extra)} not among the "
+                            f"{len(classes)} classes {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}")
     if not classes:
         raise DataError(f"image folder {root} has no class sub-folders: expected {root}/<class>/<image>.{{{_EXTS}}}")
-    files = [(f, label) for label, c in enumerate(classes) for f in _image_files(root / c)]
+    files = [(f, label) for label, c in enumerate(classes) if (root / c).is_dir() for f in _image_files(root / c)]
     if not files:
         kinds = " ".join(IMAGE_EXTENSIONS)
         raise DataError(f"image folder {root} has no images ({kinds}) in its class sub-folders {', '.join(classes)}")

@@ -72,7 +72,7 @@ from tqdm import tqdm
 import pssr
 from pssr import attacks, checkpoint, classifiers, figures, report
 from pssr.checkpoint import weights_sha256
-from pssr.data import load_dataset
+from pssr.data import dataset_key, load_dataset
 from pssr.errors import first_line
 from pssr.defenses import DefendedModel, Defense, DefenseError, parse_defense
 from pssr.purifier import PssrDefense
@@ -610,10 +610,10 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
     for path, option in outputs:
         check_output_path(path, option)
     classifier, spec = classifiers.load(config.classifier)
-    dataset = (config.dataset or spec.dataset or "").lower()
+    dataset = dataset_key(config.dataset or spec.dataset or "")  # a folder:PATH keeps its case
     if not dataset:
         raise EvalError(f"{config.classifier}: the checkpoint names no data set; pass --dataset")
-    preset_dataset = (spec.dataset or dataset).lower()
+    preset_dataset = dataset_key(spec.dataset or dataset)
     defenses = _parse_defenses(config.defenses)
     atts = _parse_attacks(config.attacks, preset_dataset)
     data = load_dataset(dataset, _data_root(config), "test")

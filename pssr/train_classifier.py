@@ -34,7 +34,7 @@ STATE_KIND = "classifier-training-state"
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"
+    dataset: str = "mnist"  # mnist, cifar10, cifar100, or folder:PATH (PATH/train, PATH/test; under the root)
     root: str | None = None  # default: --data-root, else $PSSR_DATA_ROOT
     train_limit: int | None = None  # first N training images (smoke tests, ablations)
     test_limit: int | None = None
@@ -131,6 +131,9 @@ def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None,
         raise TrainError("no data root: pass --data-root, set data.root, or set PSSR_DATA_ROOT")
     train = load_dataset(cfg.data.dataset, root, "train").subset(cfg.data.train_limit)
     test = load_dataset(cfg.data.dataset, root, "test").subset(cfg.data.test_limit)
+    if test.image_shape != train.image_shape:
+        raise TrainError(f"{cfg.data.dataset}: test images are {'x'.join(map(str, test.image_shape))}, "
+                         f"training images {'x'.join(map(str, train.image_shape))}; they must match")
     tc = cfg.train
     steps_per_epoch = len(train) // tc.batch_size
     if steps_per_epoch < 1:

@@ -31,7 +31,7 @@ import yaml
 from tqdm import tqdm
 
 from . import attack_cache, attacks, checkpoint, classifiers, config, losses, purifier
-from .data import load_dataset
+from .data import dataset_key, load_dataset
 from .interrupt import GracefulStop
 from .regeneration import Regenerator, RegeneratorSpec, compose
 from .surgery import PixelSurgery, SurgeryConfig
@@ -47,7 +47,7 @@ RUN_CONTROLS = ("stop_after_steps", "eval_every", "log_every")  # train keys a r
 
 @dataclass
 class DataConfig:
-    dataset: str | None = None  # default: the classifier's data set
+    dataset: str | None = None  # default: the classifier's data set; mnist, cifar10, cifar100 or folder:PATH
     root: str | None = None  # default: --data-root, else $PSSR_DATA_ROOT
     train_limit: int | None = None  # first N training images
     test_limit: int = 500  # test images for the accuracy watched during training
@@ -255,7 +255,7 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
 
     cpath = resolve_classifier(cfg.classifier)
     f, cspec = classifiers.load(cpath, dd.device)
-    dataset = (cfg.data.dataset or cspec.dataset).lower()
+    dataset = dataset_key(cfg.data.dataset or cspec.dataset)  # a folder:PATH keeps its case
     root = cfg.data.root or data_root or os.environ.get("PSSR_DATA_ROOT")
     if root is None:
         raise TrainError("no data root: pass --data-root, set data.root, or set PSSR_DATA_ROOT")
