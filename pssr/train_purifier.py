@@ -407,6 +407,8 @@ def _attack_cache(path: Path, train, f, surgery, attack, classifier_sha: str, da
     if cached is not None:
         return cached
     started = time.time()
+    if dd.main and not quiet and not show:  # no bar off a terminal: say why nothing happens for a while
+        print(f"making the training attack for {len(train)} images (once; stored in {path})", file=sys.stderr)
     with tqdm(total=len(train), disable=not show, file=sys.stderr, unit="img", desc="training attack (once)",
               dynamic_ncols=True) as bar:
         cached = attack_cache.make(train.images, train.labels, f, surgery, attack, seed, rank=dd.rank,
