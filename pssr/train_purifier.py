@@ -256,6 +256,9 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     cpath = resolve_classifier(cfg.classifier)
     f, cspec = classifiers.load(cpath, dd.device)
     dataset = dataset_key(cfg.data.dataset or cspec.dataset)  # a folder:PATH keeps its case
+    if cspec.dataset and dataset != dataset_key(cspec.dataset):
+        raise TrainError(f"data.dataset is {dataset} but {cpath.name} was trained on {cspec.dataset}: set "
+                         f"data.dataset={cspec.dataset} (the presets name their own data set)")
     root = cfg.data.root or data_root or os.environ.get("PSSR_DATA_ROOT")
     if root is None:
         raise TrainError("no data root: pass --data-root, set data.root, or set PSSR_DATA_ROOT")

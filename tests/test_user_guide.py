@@ -199,9 +199,12 @@ def test_train_classifier_and_purifier_on_an_image_folder(tmp_path, one_thread):
     assert spec.dataset == "folder:toy" and spec.classes == ("a", "b") and spec.num_classes == 2
     assert summary["test_images"] == 2
 
-    pcfg = train_purifier.load_config("mnist", [
-        f"classifier={summary['checkpoint']}", "data.dataset=folder:toy", "attack=pgd:eps=0.3,steps=2",
-        "train.batch_size=4", "train.max_steps=2", "regenerator.width=8", "train.eval_every=0"])
+    settings = [f"classifier={summary['checkpoint']}", "attack=pgd:eps=0.3,steps=2", "train.batch_size=4",
+                "train.max_steps=2", "regenerator.width=8", "train.eval_every=0"]
+    with pytest.raises(train_purifier.TrainError, match="trained on folder:toy: set data.dataset=folder:toy"):
+        train_purifier.run(train_purifier.load_config("mnist", settings), tmp_path / "p0",  # the preset's mnist
+                           data_root=tmp_path / "data", quiet=True, device="cpu")
+    pcfg = train_purifier.load_config("mnist", [*settings, "data.dataset=folder:toy"])
     out = train_purifier.run(pcfg, tmp_path / "pur", data_root=tmp_path / "data", quiet=True, device="cpu")
     assert out["steps"] == 2 and out["watch_n"] == 2
     _, pspec, cspec = purifier.load(tmp_path / "pur" / "purifier.safetensors", summary["checkpoint"])
