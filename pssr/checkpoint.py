@@ -35,8 +35,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; outputs are ordinary files
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and writers that recreate the file) make it private
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

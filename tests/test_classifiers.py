@@ -174,3 +174,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 1 and "mnist train split not found" in r.output
     r = runner.invoke(cli, ["train-classifier", "mnist", "--out", str(tmp_path / "x"), "--resume", "--data-root", str(DATA)])
     assert r.exit_code == 1 and "no " in r.output and "state.safetensors" in r.output
+
+
+def test_saved_checkpoints_are_readable_by_others(tmp_path):
+    """safetensors' writer recreates its file private (0600); shipped weights must be readable."""
+    import os
+
+    path = tmp_path / "w.safetensors"
+    old = os.umask(0o022)
+    try:
+        checkpoint.save(path, {"w": torch.zeros(2)}, {"kind": "test"})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
