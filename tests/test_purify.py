@@ -618,3 +618,20 @@ def test_save_masks_name_clash_and_write_error(tmp_path, models, monkeypatch):
     assert r["g.png"]["status"] == "failed" and "No space left" in r["g.png"]["error"]
     # g.png's mask was written before its strip failed, and removed: a failed input leaves no file
     assert _files(out) == {"a.mask.png", "a.mask.mask.png", "a.mask.strip.png", "manifest.jsonl"}
+
+
+def test_readme_main_command_purifies_the_samples_with_the_shipped_purifier(tmp_path):
+    """`pssr purify samples/ purified/`: every sample is greyscale, so the shipped MNIST purifier
+    takes all of them; the predictions after purification are the shipped classifier's on the outputs."""
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    out = tmp_path / "purified"
+    result = _invoke(samples, out)
+    assert result.exit_code == 0, result.output
+    r = _by_path(out / "manifest.jsonl")
+    pngs = sorted(p.relative_to(samples).as_posix() for p in samples.rglob("*.png"))
+    assert sorted(r) == pngs and all(v["status"] == "ok" and v["model"] == "mnist" for v in r.values())
+    f, _ = classifiers.load(_REAL_SHIPPED("classifier-mnist"))
+    for name, rec in r.items():
+        x = torch.from_numpy(np.asarray(Image.open(out / rec["output"]), dtype=np.float32) / 255)[None, None]
+        assert 0.2 < rec["removed_fraction"] < 0.8
+        assert int(f(x).argmax(1)) == rec["pred_after"], name  # the 8-bit output is what was classified
