@@ -166,7 +166,7 @@ def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None,
     show = not quiet and sys.stderr.isatty()
     with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar, \
             GracefulStop() as stop:
-        log = Logger(log_path, bar, quiet)
+        log = Logger(log_path, bar, quiet, step if resume else None)
         model.train()
         try:
             while step < total:

@@ -335,7 +335,7 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     started, run_steps = time.time(), 0
     with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar, \
             GracefulStop(dd.world) as stop:
-        log = Logger(log_path, bar, quiet) if dd.main else (lambda *a, **k: None)
+        log = Logger(log_path, bar, quiet, step if resume else None) if dd.main else (lambda *a, **k: None)
         G.train()
         try:
             while step < total:

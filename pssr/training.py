@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .checkpoint import atomic_write
 from .interrupt import GracefulStop
 
 
@@ -69,16 +70,29 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: d
 
 
 class Logger:
-    """JSON lines to a file (appended across resumes) and short lines to the terminal."""
+    """JSON lines to a file (appended across resumes) and short lines to the terminal.
 
-    def __init__(self, path: Path, bar: tqdm, quiet: bool):
+    ``resumed_at``: the step a resume starts from. Records of later steps (logged before a hard
+    kill, after the last checkpoint) are dropped, atomically, so that a resumed log holds each
+    step once, as an uninterrupted run's does.
+    """
+
+    def __init__(self, path: Path, bar: tqdm, quiet: bool, resumed_at: int | None = None):
         self.path, self.bar, self.quiet = path, bar, quiet
+        if resumed_at is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _kept(json.loads(line), resumed_at)]
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
     def __call__(self, record: dict, say: str | None = None) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if say and not self.quiet:
             self.bar.write(say, file=sys.stderr)
+
+
+def _kept(record: dict, resumed_at: int) -> bool:
+    return not record.get("final") and record.get("step", 0) <= resumed_at
 
 
 def early_stop(stop: GracefulStop, stop_after_steps: int | None, run_steps: int, step: int, total: int) -> str | None:

@@ -93,10 +93,17 @@ def test_resume_is_exact(tmp_path, cache):
     with pytest.raises(train_purifier.TrainError, match="another config"):
         train_purifier.run(tiny_config("train.epochs=2", "loss.rdrop=0.5", f"data.cache={cache}"), resumed,
                            resume=True, data_root=DATA, quiet=True)
+    with open(resumed / "log.jsonl", "a") as fh:  # as if killed hard after logging steps past the checkpoint
+        fh.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n")
     train_purifier.run(stop, resumed, resume=True, data_root=DATA, quiet=True)  # 3 more steps
     train_purifier.run(cfg, resumed, resume=True, data_root=DATA, quiet=True)  # the last 2
     a = load_file(str(straight / "purifier.safetensors"))
     b = load_file(str(resumed / "purifier.safetensors"))
+    steps = [json.loads(line).get("step") for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s is not None] == [json.loads(line).get("step") for line in
+                                                  (straight / "log.jsonl").read_text().splitlines()
+                                                  if json.loads(line).get("step") is not None]
+    assert 9.0 not in [json.loads(line).get("loss") for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
