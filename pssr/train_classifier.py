@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import checkpoint, classifiers, config
 from .data import ImageDataset, load_dataset
 from .interrupt import GracefulStop
-from .training import Logger, TrainError, check_run_dir, defining, early_stop, interrupted, interrupted_mid_step, lr_at
+from .training import Logger, TrainError, check_run_dir, defining, end_of_step, interrupted_mid_step, lr_at
 from .training import restore as _restore
 from .training import seeded_generator as _generator
 from .training import state_tensors as _state_tensors
@@ -194,16 +194,10 @@ def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None,
                     acc, test_loss = evaluate(model, test)
                     log({"step": step, "epoch": epoch, "test_acc": acc, "test_loss": test_loss},
                         f"epoch {epoch + 1}/{tc.epochs}: test accuracy {acc:.2%} (loss {test_loss:.3f})")
-                saved = step % steps_per_epoch == 0 or step % tc.checkpoint_every == 0
-                if saved:
-                    save_state()
-                reason = early_stop(stop, tc.stop_after_steps, run_steps, step, total)
-                if reason:
-                    if not saved:
-                        save_state()
-                    if reason == "budget":
-                        return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
-                    raise interrupted(step, total)
+                due = step % steps_per_epoch == 0 or step % tc.checkpoint_every == 0
+                stopped = end_of_step(save_state, due, stop, tc.stop_after_steps, run_steps, step, total, state_path)
+                if stopped:
+                    return stopped
         except KeyboardInterrupt:
             raise interrupted_mid_step(step, total) from None
 

@@ -35,7 +35,7 @@ from .data import dataset_key, load_dataset
 from .interrupt import GracefulStop
 from .regeneration import Regenerator, RegeneratorSpec, compose
 from .surgery import PixelSurgery, SurgeryConfig
-from .training import Logger, TrainError, check_run_dir, defining, early_stop, interrupted, interrupted_mid_step, lr_at
+from .training import Logger, TrainError, check_run_dir, defining, end_of_step, interrupted_mid_step, lr_at
 from .training import restore as _restore
 from .training import seeded_generator as _generator
 from .training import state_tensors as _state_tensors
@@ -371,16 +371,10 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                     if record:
                         log(record, f"step {step}/{total}: purified accuracy clean {record['watch_clean_acc']:.2%}, "
                                     f"PGD (transfer) {record['watch_pgd_acc']:.2%} on {record['watch_n']} test images")
-                saved = end_of_epoch or step % tc.checkpoint_every == 0
-                if saved:
-                    save_state()
-                reason = early_stop(stop, tc.stop_after_steps, run_steps, step, total)
-                if reason:
-                    if not saved:
-                        save_state()
-                    if reason == "budget":
-                        return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
-                    raise interrupted(step, total)
+                due = end_of_epoch or step % tc.checkpoint_every == 0
+                stopped = end_of_step(save_state, due, stop, tc.stop_after_steps, run_steps, step, total, state_path)
+                if stopped:
+                    return stopped
         except KeyboardInterrupt:
             raise interrupted_mid_step(step, total) from None
 

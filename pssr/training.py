@@ -108,6 +108,22 @@ def early_stop(stop: GracefulStop, stop_after_steps: int | None, run_steps: int,
     return "signal" if stop.should_stop() else None
 
 
+def end_of_step(save_state, due: bool, stop: GracefulStop, stop_after_steps: int | None, run_steps: int, step: int,
+                total: int, state_path) -> dict | None:
+    """Checkpoint when ``due``; on a stop, make sure this step's state is saved (once), then return
+    the budget stop's summary or raise ``interrupted``. None: go on training."""
+    if due:
+        save_state()
+    reason = early_stop(stop, stop_after_steps, run_steps, step, total)
+    if reason is None:
+        return None
+    if not due:
+        save_state()
+    if reason == "budget":
+        return {"stopped_at_step": step, "total_steps": total, "state": str(state_path)}
+    raise interrupted(step, total)
+
+
 def interrupted(step: int, total: int) -> TrainError:
     return TrainError(f"interrupted at step {step}/{total}; state saved, rerun with --resume")
 

@@ -74,6 +74,18 @@ def _manifest(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _disk_full_for(monkeypatch, name: str) -> None:
+    """Writing the file called ``name`` fails with ENOSPC; every other write goes through."""
+    real_write = purify_folder.write_output
+
+    def full_disk(path, data):
+        if path.name == name:
+            raise OSError(28, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(purify_folder, "write_output", full_disk)
+
+
 def _by_path(path: Path) -> dict[str, dict]:
     records = _manifest(path)
     by = {r["path"]: r for r in records}
@@ -260,14 +272,7 @@ def test_write_error_fails_that_file_only(tmp_path, models, monkeypatch):
     src.mkdir()
     for i in range(3):
         _grey(rng).save(src / f"g{i}.png")
-    real_write = purify_folder.write_output
-
-    def full_disk(path, data):
-        if path.name == "g1.png":
-            raise OSError(28, "No space left on device")
-        return real_write(path, data)
-
-    monkeypatch.setattr(purify_folder, "write_output", full_disk)
+    _disk_full_for(monkeypatch, "g1.png")
     result = _invoke(src, out, "--model", models["mnist"])
     assert result.exit_code == 1 and "2 ok, 0 skipped, 1 failed" in result.stdout
     r = _by_path(out / "manifest.jsonl")
@@ -602,14 +607,7 @@ def test_save_masks_name_clash_and_write_error(tmp_path, models, monkeypatch):
     src.mkdir()
     for name in ("a.png", "a.mask.png", "g.png"):
         _grey(rng).save(src / name)
-    real_write = purify_folder.write_output
-
-    def full_disk(path, data):
-        if path.name == "g.strip.png":
-            raise OSError(28, "No space left on device")
-        return real_write(path, data)
-
-    monkeypatch.setattr(purify_folder, "write_output", full_disk)
+    _disk_full_for(monkeypatch, "g.strip.png")
     result = _invoke(src, out, "--model", models["mnist"], "--save-masks")
     assert result.exit_code == 1 and "1 ok, 0 skipped, 2 failed" in result.stdout
     r = _by_path(out / "manifest.jsonl")
