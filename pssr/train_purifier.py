@@ -33,6 +33,8 @@ from tqdm import tqdm
 from . import attack_cache, attacks, checkpoint, classifiers, config, losses, purifier
 from .data import dataset_key, load_dataset
 from .interrupt import GracefulStop
+from .adapters import PssrModel
+from .purifier import Purifier
 from .regeneration import Regenerator, RegeneratorSpec, compose
 from .surgery import PixelSurgery, SurgeryConfig
 from .training import Logger, TrainError, check_run_dir, defining, end_of_step, interrupted_mid_step, lr_at
@@ -58,6 +60,7 @@ class DataConfig:
 class RegeneratorConfig:
     width: int = 32
     dropout: float = 0.1
+    init: str | None = None  # start G from this purifier checkpoint (same size and classifier): fine-tuning
 
 
 @dataclass
@@ -100,6 +103,30 @@ class TrainConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    """Adversarial examples made through the defense itself, with the G being trained.
+
+    Examples made against f alone teach G to undo f's attack, not to resist an attacker who
+    differentiates through G (BPDA breaks such a G; README). With ``fraction`` > 0 that share of
+    every batch is attacked by PGD through the current defended model (``gradient``: bpda or
+    mask-fixed), as adversarial training does; the rest comes from f's attack (the cache).
+    """
+
+    fraction: float = 0.0  # share of each batch attacked through the defense (0: off)
+    attack: str = "pgd:steps=10"  # PGD family, preset of the data set
+    gradient: str = "bpda"  # bpda (straight-through surgery) or mask-fixed
+    watch_n: int = 0  # also watch accuracy under the data set's PGD preset through the defense (BPDA), on N test images
+
+    def __post_init__(self):
+        if not 0 <= self.fraction <= 1:
+            raise ValueError("fraction must be in [0, 1]")
+        if self.gradient not in ("bpda", "mask-fixed"):
+            raise ValueError("gradient must be bpda or mask-fixed")
+        if self.watch_n < 0:
+            raise ValueError("watch_n must be >= 0")
+
+
+@dataclass
 class PurifierConfig:
     classifier: str = "mnist"  # a shipped classifier (mnist, cifar10) or a checkpoint path
     attack: str = "pgd:steps=10"  # the training attack (PGD family only), preset of the data set
@@ -108,6 +135,7 @@ class PurifierConfig:
     regenerator: RegeneratorConfig = field(default_factory=RegeneratorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
 def load_config(source: str, overrides=()) -> PurifierConfig:
@@ -267,13 +295,9 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     C, H, W = train.image_shape
     if (C, H) != (cspec.in_channels, cspec.image_size):
         raise TrainError(f"{cpath.name} takes {cspec.in_channels}x{cspec.image_size}² images, {dataset} has {C}x{H}x{W}")
-    try:
-        attack = attacks.parse_attack(cfg.attack, cspec.dataset or dataset)
-    except attacks.AttackError as exc:
-        raise TrainError(f"attack: {exc}") from None
-    if attack.name not in TRAINING_ATTACKS:
-        raise TrainError(f"attack: the training attack must be PGD ({', '.join(TRAINING_ATTACKS)}), "
-                         f"got {attack.name!r}; the other attacks stay unseen for evaluation")
+    attack = _training_attack("attack", cfg.attack, cspec.dataset or dataset)
+    ac = cfg.adaptive
+    adaptive_attack = _training_attack("adaptive.attack", ac.attack, cspec.dataset or dataset)
     tc, lc = cfg.train, cfg.loss
     steps_per_epoch = len(train) // tc.batch_size
     if steps_per_epoch < 1:
@@ -288,12 +312,18 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     torch.manual_seed(tc.seed)  # initial weights, the same on every rank
     rspec = RegeneratorSpec(C, cfg.regenerator.width, cfg.regenerator.dropout)
     G = Regenerator(rspec).to(dd.device)
+    if cfg.regenerator.init:
+        _init_from(G, Path(cfg.regenerator.init), rspec, classifier_sha)
     optimizer = torch.optim.Adam(G.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     surgery = PixelSurgery(f, cfg.surgery)
     step = 0
     if resume:
         tensors, info = checkpoint.load(state_path, kind=STATE_KIND)
-        if defining(info["config"], RUN_CONTROLS) != defining(resolved, RUN_CONTROLS):
+        try:  # keys added since that run was started count with their defaults
+            started_with = config.to_dict(config.from_dict(PurifierConfig, info["config"]))
+        except (config.ConfigError, TypeError, ValueError):
+            started_with = info["config"]
+        if defining(started_with, RUN_CONTROLS) != defining(resolved, RUN_CONTROLS):
             raise TrainError(f"--resume: {out} was started with another config; use the same --set options")
         if info.get("classifier_sha256") != classifier_sha:
             raise TrainError(f"--resume: {out} was started with another classifier than {cpath}")
@@ -316,11 +346,19 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
         watch_attack = attacks.preset("pgd", cspec.dataset or dataset)
         x_test_adv = attacks.run_attack(watch_attack, f, x_test, y_test, seed=_seed(tc.seed, 7))
 
+    defended = PssrModel(Purifier(f, G, cfg.surgery), gradient=ac.gradient)  # shares G: always the current one
+
     def check(epoch: int) -> dict:
         if not dd.main:
             return {}
-        return {"step": step, "epoch": epoch, "watch_clean_acc": watched_accuracy(surgery, G, x_test, y_test),
-                "watch_pgd_acc": watched_accuracy(surgery, G, x_test_adv, y_test), "watch_n": len(y_test)}
+        record = {"step": step, "epoch": epoch, "watch_clean_acc": watched_accuracy(surgery, G, x_test, y_test),
+                  "watch_pgd_acc": watched_accuracy(surgery, G, x_test_adv, y_test), "watch_n": len(y_test)}
+        if ac.watch_n:
+            xw, yw = x_test[: ac.watch_n], y_test[: ac.watch_n]
+            bpda = PssrModel(Purifier(f, G, cfg.surgery), gradient="bpda")
+            xw_adv = attacks.run_attack(watch_attack, bpda, xw, yw, seed=_seed(tc.seed, 8))
+            record.update({"watch_bpda_acc": watched_accuracy(surgery, G, xw_adv, yw), "watch_bpda_n": len(yw)})
+        return record
 
     def save_state():
         if dd.main:
@@ -350,6 +388,14 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                 else:
                     x_adv = cache.x_adv[idx].to(dd.device)
                     masks = cache.mask_adv[idx].to(dd.device), cache.mask_clean[idx].to(dd.device)
+                k = round(ac.fraction * len(x))
+                if k:  # the first k images: attacked through the defense with the current G instead
+                    x_thru = attacks.run_attack(adaptive_attack, defended, x[:k], y[:k],
+                                                seed=_seed(tc.seed, epoch, b, dd.rank, 3), batch_size=k)
+                    x_adv = torch.cat([x_thru, x_adv[k:]])
+                    if masks is not None:
+                        with torch.no_grad():
+                            masks = torch.cat([surgery(x_thru)[1], masks[0][k:]]), masks[1]
                 torch.manual_seed(_seed(tc.seed, epoch, b, dd.rank, 2))  # this step's dropout draws
                 loss, terms = step_loss(f, surgery, model, x, y, x_adv, lc, masks)
                 lr = lr_at(step, total, tc)
@@ -369,8 +415,11 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                 if end_of_epoch or (tc.eval_every and step % tc.eval_every == 0):
                     record = check(epoch)
                     if record:
+                        bpda = (f", PGD through G (BPDA) {record['watch_bpda_acc']:.2%} on {record['watch_bpda_n']}"
+                                if "watch_bpda_acc" in record else "")
                         log(record, f"step {step}/{total}: purified accuracy clean {record['watch_clean_acc']:.2%}, "
-                                    f"PGD (transfer) {record['watch_pgd_acc']:.2%} on {record['watch_n']} test images")
+                                    f"PGD (transfer) {record['watch_pgd_acc']:.2%} on {record['watch_n']} test images"
+                                    + bpda)
                 due = end_of_epoch or step % tc.checkpoint_every == 0
                 stopped = end_of_step(save_state, due, stop, tc.stop_after_steps, run_steps, step, total, state_path)
                 if stopped:
@@ -385,15 +434,40 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
         spec = purifier.PurifierSpec(
             regenerator=rspec, surgery=cfg.surgery, classifier_sha256=classifier_sha,
             classifier_file=cpath.name, dataset=cspec.dataset or dataset,
-            extra={"watch_clean_acc": final["watch_clean_acc"], "watch_pgd_acc": final["watch_pgd_acc"],
-                   "watch_n": final["watch_n"], "steps": total, "seed": tc.seed, "attack": attack.label(),
+            extra={**{k: v for k, v in final.items() if k.startswith("watch_")}, "steps": total, "seed": tc.seed, "attack": attack.label(),
                    "train_images": len(train), "train_seconds_this_run": round(seconds, 1)},
         )
         purifier.save(final_path, G, spec)
-        summary.update({k: final[k] for k in ("watch_clean_acc", "watch_pgd_acc", "watch_n")})
+        summary.update({k: v for k, v in final.items() if k.startswith("watch_")})
         log({"final": True, **summary})
     dd.barrier()
     return summary
+
+
+def _training_attack(key: str, text: str, dataset: str) -> attacks.AttackSpec:
+    try:
+        attack = attacks.parse_attack(text, dataset)
+    except attacks.AttackError as exc:
+        raise TrainError(f"{key}: {exc}") from None
+    if attack.name not in TRAINING_ATTACKS:
+        raise TrainError(f"{key}: the training attack must be PGD ({', '.join(TRAINING_ATTACKS)}), "
+                         f"got {attack.name!r}; the other attacks stay unseen for evaluation")
+    return attack
+
+
+def _init_from(G: Regenerator, path: Path, rspec: RegeneratorSpec, classifier_sha: str) -> None:
+    """G's starting weights from a purifier checkpoint of the same size, for the same classifier."""
+    try:
+        tensors, info = checkpoint.load(path, kind=purifier.KIND)
+        spec = purifier.read_spec(info, path)
+    except checkpoint.CheckpointError as exc:
+        raise TrainError(f"regenerator.init: {exc}") from None
+    if spec.classifier_sha256 != classifier_sha:
+        raise TrainError(f"regenerator.init: {path} was trained for another classifier")
+    if spec.regenerator != rspec:
+        raise TrainError(f"regenerator.init: {path} holds a G of width {spec.regenerator.width} and "
+                         f"{spec.regenerator.channels} channel(s); this run builds width {rspec.width}, {rspec.channels}")
+    G.load_state_dict(tensors)
 
 
 def _attack_cache(path: Path, train, f, surgery, attack, classifier_sha: str, dataset: str, seed: int, dd: Dist,

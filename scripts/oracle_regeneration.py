@@ -4,6 +4,11 @@ adversarial image are given back *from the clean image* (a perfect G), per surge
 If this bound is low, no G can make PSSR robust with that surgery: the perturbation left on the
 kept pixels alone fools the classifier. Run it before a long purifier training.
 
+The last column is the same bound against an adaptive attacker: PGD (the preset) made through
+the perfect-G defense x -> f((1 - m(x))·x + m(x)·x_clean) itself. For a perfect G the BPDA and
+the mask-fixed gradients coincide (G's output does not depend on the input), so this is the best
+any regenerator can do under BPDA with this surgery and this (frozen) classifier.
+
     python scripts/oracle_regeneration.py --dataset mnist --n 500 --seed 0
 """
 
@@ -17,12 +22,25 @@ from pssr.regeneration import compose
 from pssr.surgery import PixelSurgery, SurgeryConfig
 
 
+class PerfectG(torch.nn.Module):
+    """The defense with a perfect regenerator: removed pixels come back from the clean images."""
+
+    def __init__(self, f, surgery: PixelSurgery, clean: torch.Tensor):
+        super().__init__()
+        self.f, self.surgery, self.clean = f, surgery, clean
+
+    def forward(self, x):
+        x_s, mask, _ = self.surgery(x, gradient="mask-fixed")
+        return self.f(compose(x_s, mask, self.clean))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adaptive", action="store_true", help="add the PGD-through-perfect-G column (slower)")
     args = ap.parse_args()
     f, _ = classifiers.load(purifier.shipped_path(f"classifier-{args.dataset}"))
     data = load_dataset(args.dataset, args.data_root, "test").subset(args.n)
@@ -30,8 +48,8 @@ def main() -> None:
     x_adv = attacks.run_attack(attacks.preset("pgd", args.dataset), f, x, y, seed=args.seed)
     settings = [SurgeryConfig(alpha=a) for a in (0.25, 0.5, 1.0, 2.0, 4.0)]
     settings += [SurgeryConfig(mode="topk", ratio=r) for r in (0.1, 0.3, 0.5, 0.7)]
-    print("| surgery | removed (clean) | removed (adv) | f on x_adv | f, removed pixels from clean x |")
-    print("|---|---:|---:|---:|---:|")
+    print("| surgery | removed (clean) | removed (adv) | f on x_adv | f, removed pixels from clean x |" + (" same, PGD through it |" if args.adaptive else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if args.adaptive else ""))
     with torch.no_grad():
         base = (f(x_adv).argmax(1) == y).float().mean().item()
         for cfg in settings:
@@ -40,7 +58,14 @@ def main() -> None:
             x_s, m_adv, _ = s(x_adv)
             oracle = (f(compose(x_s, m_adv, x)).argmax(1) == y).float().mean().item()
             name = f"mean α={cfg.alpha:g}" if cfg.mode == "mean" else f"topk ρ={cfg.ratio:g}"
-            print(f"| {name} | {m_clean.float().mean():.1%} | {m_adv.float().mean():.1%} | {base:.1%} | {oracle:.1%} |")
+            row = f"| {name} | {m_clean.float().mean():.1%} | {m_adv.float().mean():.1%} | {base:.1%} | {oracle:.1%} |"
+            if args.adaptive:
+                with torch.enable_grad():
+                    spec = attacks.preset("pgd", args.dataset)
+                    x_ad = attacks.run_attack(spec, PerfectG(f, s, x), x, y, seed=args.seed, batch_size=len(x))
+                _, m_ad, _ = s(x_ad)
+                row += f" {(f(compose(x_ad, m_ad, x)).argmax(1) == y).float().mean():.1%} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

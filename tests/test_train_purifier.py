@@ -76,23 +76,32 @@ def test_short_real_run_lowers_the_loss(tmp_path):
     assert spec.extra["steps"] == 48 and "PGD" in spec.extra["attack"]
 
 
-@pytest.mark.parametrize("cache", ["true", "false"])
+ADAPTIVE = ["adaptive.fraction=0.25", "adaptive.attack=pgd:steps=2"]
+
+
+@pytest.mark.parametrize("cache", ["true", "false", "adaptive"])
 def test_resume_is_exact(tmp_path, cache):
     torch.set_num_threads(1)
-    cfg = tiny_config("train.epochs=2", f"data.cache={cache}")  # 4 steps an epoch
+    extra = [f"data.cache={cache != 'false'}".lower(), *(ADAPTIVE if cache == "adaptive" else [])]
+    cfg = tiny_config("train.epochs=2", *extra)  # 4 steps an epoch
     straight = tmp_path / "straight"
     train_purifier.run(cfg, straight, data_root=DATA, quiet=True)
-    assert (straight / "attack-cache.safetensors").is_file() == (cache == "true")
+    assert (straight / "attack-cache.safetensors").is_file() == (cache != "false")
 
     resumed = tmp_path / "resumed"
-    stop = tiny_config("train.epochs=2", "train.stop_after_steps=3", f"data.cache={cache}")
+    stop = tiny_config("train.epochs=2", "train.stop_after_steps=3", *extra)
     first = train_purifier.run(stop, resumed, data_root=DATA, quiet=True)
     assert first["stopped_at_step"] == 3
     with pytest.raises(train_purifier.TrainError, match="already holds a run"):
         train_purifier.run(stop, resumed, data_root=DATA, quiet=True)
     with pytest.raises(train_purifier.TrainError, match="another config"):
-        train_purifier.run(tiny_config("train.epochs=2", "loss.rdrop=0.5", f"data.cache={cache}"), resumed,
+        train_purifier.run(tiny_config("train.epochs=2", "loss.rdrop=0.5", *extra), resumed,
                            resume=True, data_root=DATA, quiet=True)
+    if cache != "adaptive":  # a state written before the `adaptive` keys existed resumes with their defaults
+        tensors, info = checkpoint.load(resumed / "state.safetensors")
+        assert info["config"].pop("adaptive") == {"fraction": 0.0, "attack": "pgd:steps=10", "gradient": "bpda",
+                                                   "watch_n": 0}
+        checkpoint.save(resumed / "state.safetensors", tensors, info)
     with open(resumed / "log.jsonl", "a") as fh:  # as if killed hard after logging steps past the checkpoint
         fh.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n")
     train_purifier.run(stop, resumed, resume=True, data_root=DATA, quiet=True)  # 3 more steps
@@ -107,6 +116,63 @@ def test_resume_is_exact(tmp_path, cache):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_adaptive_share_is_attacked_through_the_current_G(tmp_path, monkeypatch):
+    """adaptive.fraction: the first share of each batch is PGD through the defense with this step's G
+    (BPDA), the rest the cached attack on f; the BPDA accuracy is watched and stored."""
+    from pssr.adapters import PssrModel
+
+    torch.set_num_threads(1)
+    cfg = tiny_config("train.epochs=1", "train.max_steps=2", "adaptive.watch_n=8", *ADAPTIVE)
+    seen = []
+    real_step = train_purifier.step_loss
+
+    def spy(f, surgery, G, x, y, x_adv, lc, masks=None):
+        seen.append(({k: v.clone() for k, v in G.state_dict().items()}, x.clone(), y.clone(), x_adv.clone(), masks))
+        return real_step(f, surgery, G, x, y, x_adv, lc, masks)
+
+    monkeypatch.setattr(train_purifier, "step_loss", spy)
+    out = tmp_path / "r"
+    summary = train_purifier.run(cfg, out, data_root=DATA, quiet=True)
+    assert len(seen) == 2 and 0 <= summary["watch_bpda_acc"] <= 1 and summary["watch_bpda_n"] == 8
+    f, attack, surgery = _attack_and_surgery(cfg)
+    cached = load_file(str(out / "attack-cache.safetensors"))
+    step2_G, x, y, x_adv, masks = seen[1]
+    G = Regenerator(RegeneratorSpec(1, 8, cfg.regenerator.dropout))
+    G.load_state_dict(step2_G)
+    defended = PssrModel(purifier.Purifier(f, G, cfg.surgery), gradient="bpda")
+    k = 4  # a quarter of 16
+    want = attacks.run_attack(attacks.parse_attack("pgd:steps=2", "mnist"), defended, x[:k], y[:k],
+                              seed=train_purifier._seed(cfg.train.seed, 0, 1, 0, 3), batch_size=k)
+    assert torch.equal(x_adv[:k], want) and torch.equal(masks[0][:k], surgery(want)[1])
+    idx = torch.randperm(64, generator=train_purifier._generator(cfg.train.seed, 0))[16:32]
+    assert torch.equal(x_adv[k:], cached["x_adv"][idx][k:]) and not torch.equal(x_adv[:k], cached["x_adv"][idx][:k])
+    p, spec, _ = purifier.load(out / "purifier.safetensors")
+    assert spec.extra["watch_bpda_n"] == 8
+    assert any('"watch_bpda_acc"' in line for line in (out / "log.jsonl").read_text().splitlines())
+
+
+def test_regenerator_init_starts_from_a_checkpoint_and_checks_it(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    first = tmp_path / "first"
+    train_purifier.run(tiny_config("train.max_steps=2"), first, data_root=DATA, quiet=True)
+    start = load_file(str(first / "purifier.safetensors"))
+    seen = []
+    real_step = train_purifier.step_loss
+    monkeypatch.setattr(train_purifier, "step_loss",
+                        lambda f, s, G, *a, **k: (seen.append({n: v.clone() for n, v in G.state_dict().items()}), real_step(f, s, G, *a, **k))[1])
+    init = f"regenerator.init={first / 'purifier.safetensors'}"
+    train_purifier.run(tiny_config("train.max_steps=1", init), tmp_path / "tuned", data_root=DATA, quiet=True)
+    assert all(torch.equal(seen[0][k], start[k]) for k in start)
+    with pytest.raises(train_purifier.TrainError, match="regenerator.init: .*width 8.*this run builds width 16"):
+        train_purifier.run(tiny_config("train.max_steps=1", init, "regenerator.width=16"), tmp_path / "w",
+                           data_root=DATA, quiet=True)
+    with pytest.raises(train_purifier.TrainError, match="regenerator.init: .*none.safetensors: no such checkpoint file"):
+        train_purifier.run(tiny_config("train.max_steps=1", f"regenerator.init={tmp_path / 'none.safetensors'}"),
+                           tmp_path / "n", data_root=DATA, quiet=True)
+    with pytest.raises(train_purifier.TrainError, match="adaptive.attack: the training attack must be PGD"):
+        train_purifier.run(tiny_config("adaptive.attack=fgsm"), tmp_path / "a", data_root=DATA, quiet=True)
 
 
 def _attack_and_surgery(cfg):
