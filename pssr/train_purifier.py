@@ -434,8 +434,11 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
         spec = purifier.PurifierSpec(
             regenerator=rspec, surgery=cfg.surgery, classifier_sha256=classifier_sha,
             classifier_file=cpath.name, dataset=cspec.dataset or dataset,
-            extra={**{k: v for k, v in final.items() if k.startswith("watch_")}, "steps": total, "seed": tc.seed, "attack": attack.label(),
-                   "train_images": len(train), "train_seconds_this_run": round(seconds, 1)},
+            extra={**{k: v for k, v in final.items() if k.startswith("watch_")}, "steps": total, "seed": tc.seed,
+                   "attack": attack.label(), "train_images": len(train), "train_seconds_this_run": round(seconds, 1),
+                   **({"adaptive": f"{ac.fraction:g} of each batch: {adaptive_attack.label()} through the defense "
+                                   f"({ac.gradient})"} if ac.fraction else {}),
+                   **({"init": Path(cfg.regenerator.init).name} if cfg.regenerator.init else {})},
         )
         purifier.save(final_path, G, spec)
         summary.update({k: v for k, v in final.items() if k.startswith("watch_")})
@@ -477,15 +480,18 @@ def _attack_cache(path: Path, train, f, surgery, attack, classifier_sha: str, da
     cached = attack_cache.load(path, want)
     if cached is not None:
         return cached
+    parts = path.with_name(path.name.removesuffix(".safetensors") + ".parts")  # made so far, kept on a stop
     started = time.time()
     if dd.main and not quiet and not show:  # no bar off a terminal: say why nothing happens for a while
         print(f"making the training attack for {len(train)} images (once; stored in {path})", file=sys.stderr)
     with tqdm(total=len(train), disable=not show, file=sys.stderr, unit="img", desc="training attack (once)",
               dynamic_ncols=True) as bar:
         cached = attack_cache.make(train.images, train.labels, f, surgery, attack, seed, rank=dd.rank,
-                                   world=dd.world, device=dd.device, progress=lambda k: bar.update(k * dd.world))
+                                   world=dd.world, device=dd.device, progress=lambda k: bar.update(k * dd.world),
+                                   parts=parts, want=want)
     if dd.main:
         attack_cache.save(path, cached, want)
+        attack_cache.remove_parts(parts)
     if dd.main and not quiet:
         print(f"made the training attack for {len(train)} images in {time.time() - started:.0f} s: {path}",
               file=sys.stderr)

@@ -196,6 +196,7 @@ def test_attack_cache_holds_what_the_on_the_fly_path_computes_and_is_reused(tmp_
     assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and not torch.equal(x_adv, x)
     assert torch.equal(tensors["mask_adv"], surgery(x_adv)[1]) and torch.equal(tensors["mask_clean"], surgery(x)[1])
     assert info["key"]["attack"] == attack.label() and info["key"]["images"] == 64
+    assert not (out / "attack-cache.parts").exists()  # the parts made on the way are gone
 
     made = {"n": 0}
     real_make = attack_cache.make
@@ -212,6 +213,47 @@ def test_attack_cache_holds_what_the_on_the_fly_path_computes_and_is_reused(tmp_
     train_purifier.run(tiny_config("train.stop_after_steps=1"), out, resume=True, data_root=DATA, quiet=True)
     assert made["n"] == 1
     assert attack_cache.load(out / "attack-cache.safetensors", info["key"]) is not None
+
+
+def test_cache_making_survives_a_stop(tmp_path, monkeypatch):
+    """Chunks finished before a stop are in part files and not made again; parts of another key are not used."""
+    torch.set_num_threads(1)
+    cfg = tiny_config()
+    f, attack, surgery = _attack_and_surgery(cfg)
+    train = load_dataset("mnist", DATA, "train").subset(600)  # 3 chunks: 256, 256, 88 images
+    want = attack_cache.key("0" * 64, attack.label(), surgery.config, "mnist", 600, 0)
+    parts = tmp_path / "attack-cache.parts"
+    whole = attack_cache.make(train.images, train.labels, f, surgery, attack, 0)
+    monkeypatch.setattr(attack_cache, "PART_CHUNKS", 1)
+    calls = []
+    real = attacks.run_attack
+
+    class Stop(Exception):  # stands for Ctrl-C or a crash
+        pass
+
+    stop_done = False
+
+    def stopped_in_the_third_chunk(*a, **k):
+        calls.append(k["seed"])
+        if len(calls) == 3 and not stop_done:
+            raise Stop
+        return real(*a, **k)
+
+    monkeypatch.setattr(attacks, "run_attack", stopped_in_the_third_chunk)
+    with pytest.raises(Stop):
+        attack_cache.make(train.images, train.labels, f, surgery, attack, 0, parts=parts, want=want)
+    stop_done = True
+    assert len(list(parts.glob("*.safetensors"))) == 2
+    calls.clear()
+    again = attack_cache.make(train.images, train.labels, f, surgery, attack, 0, parts=parts, want=want)
+    assert calls == [attack_cache.chunk_seed(0, 2)]  # only the unfinished chunk
+    for name in ("x_adv", "mask_adv", "mask_clean"):
+        assert torch.equal(getattr(again, name), getattr(whole, name)), name
+    calls.clear()
+    attack_cache.make(train.images, train.labels, f, surgery, attack, 0, parts=parts, want={**want, "seed": 1})
+    assert len(calls) == 3
+    attack_cache.remove_parts(parts)
+    assert not parts.exists()
 
 
 def test_cli_train_errors_are_one_line(tmp_path):
