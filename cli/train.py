@@ -23,10 +23,12 @@ from pssr.data import DataError, short_name
               help="auto (CUDA when there is a GPU), cpu or cuda; under torchrun cuda means cuda:LOCAL_RANK.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or check lines (the JSONL log is still written).")
 def train_command(config_source, overrides, out_dir, data_root, resume, device, quiet):
-    """Train a PSSR purifier for a frozen classifier from CONFIG: a preset (mnist, cifar10) or a YAML file.
+    """Train a PSSR purifier for a frozen classifier from CONFIG: a preset (mnist, cifar10, mnist-adaptive) or a YAML file.
 
-    Adversarial examples are made on the fly against the undefended classifier with the
-    training attack (PGD only). Writes OUT/purifier.safetensors (G's weights, the surgery
+    Adversarial examples are made against the undefended classifier with the training attack
+    (PGD only), once for the training set (OUT/attack-cache.safetensors; data.cache=false:
+    per step); adaptive.fraction re-attacks that share of each batch through the defense with
+    the current G. Writes OUT/purifier.safetensors (G's weights, the surgery
     settings and the sha256 of the classifier it belongs to), OUT/log.jsonl and
     OUT/state.safetensors (resume state, saved atomically every train.checkpoint_every steps,
     at each epoch's end, and at the next step boundary on Ctrl-C or SIGTERM).

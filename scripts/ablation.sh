@@ -25,6 +25,12 @@ for arm in full no-pixel no-semantic no-feature no-rdrop no-clean-path; do
   [ -n "${arms[$arm]}" ] && sets+=(--set "${arms[$arm]}")
   if [ ! -f "$out/purifier.safetensors" ]; then
     resume=(); [ -f "$out/state.safetensors" ] && resume=(--resume)
+    # every arm attacks the same images with the same seed: share one attack cache (a hard link;
+    # pssr train checks its key and makes its own if it does not match)
+    mkdir -p "$out"
+    for cache in "training-runs/purifier-$preset/attack-cache.safetensors" "$root/full/attack-cache.safetensors"; do
+      if [ ! -f "$out/attack-cache.safetensors" ] && [ -f "$cache" ]; then ln -f "$cache" "$out/" 2>/dev/null || true; fi
+    done
     pssr train "$preset" --data-root "$DATA_ROOT" --out "$out" -q "${sets[@]}" "${resume[@]}"
   fi
   if [ ! -f "$out/eval.json" ]; then
