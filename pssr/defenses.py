@@ -33,6 +33,9 @@ class Defense:
     # The ways an attacker may differentiate the defense (`pssr eval` runs one threat model each);
     # "bpda" is the defense's default rule: its true gradient if differentiable, else straight-through.
     attack_gradients: tuple[str, ...] = ("bpda",)
+    # Bumped when a fix changes what the defense computes, so that `pssr eval --state` files made
+    # before the fix are refused instead of replayed (see evaluate.defining_options).
+    revision = 1
 
     def __init__(self, **params):
         self.params = params
@@ -75,17 +78,27 @@ def straight_through(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 class ArtPreprocessor(Defense):
-    """An ART preprocessor run on numpy, channels first; non-differentiable (BPDA for attacks)."""
+    """An ART preprocessor run on numpy; non-differentiable (BPDA for attacks).
+
+    ``channels_last``: the preprocessor only reads (N, H, W, C) arrays (ART's TotalVarMin has no
+    ``channels_first`` switch), so the images are transposed there and back.
+    """
 
     differentiable = False
     factory: Callable = None
+    channels_last = False
 
     def __init__(self, **params):
         super().__init__(**params)
         self._art = type(self).factory(**params)
 
     def purify(self, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self._art(x.detach().cpu().numpy().astype(np.float32))
+        a = x.detach().cpu().numpy().astype(np.float32)
+        if self.channels_last:
+            a = np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+        y, _ = self._art(a)
+        if self.channels_last:
+            y = y.transpose(0, 3, 1, 2)
         return torch.as_tensor(np.ascontiguousarray(y), dtype=x.dtype).clamp_(0, 1).to(x.device)
 
 
@@ -124,6 +137,10 @@ class TotalVariation(ArtPreprocessor):
 
     name = "tvm"
     randomized = True
+    channels_last = True
+    # 2: until 2026-11-25 the images were passed channels first, so ART minimised the variation of
+    # each (C, H) slice for every column instead of each channel's (H, W) plane.
+    revision = 2
     factory = staticmethod(
         lambda prob=0.3, norm=2, lamb=0.5, max_iter=10: _art("TotalVarMin")(
             clip_values=(0, 1), prob=float(prob), norm=int(norm), lamb=float(lamb), max_iter=int(max_iter), verbose=False

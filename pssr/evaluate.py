@@ -307,6 +307,9 @@ def defining_options(resolved: dict, classifier_sha256: str, data, defenses: lis
     options = {k: v for k, v in resolved.items() if k not in NOT_DEFINING}
     options.update(classifier_sha256=classifier_sha256, data_sha256=digest.hexdigest(),
                    defense_weights=_defense_weights(defenses))
+    revisions = {d.name: d.defense.revision for d in defenses if d.defense.revision != 1}
+    if revisions:  # only then, so that states of unrevised defenses stay valid
+        options["defense_revisions"] = revisions
     return json.loads(json.dumps(options))  # tuples as lists, as they read back
 
 

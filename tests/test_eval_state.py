@@ -210,6 +210,19 @@ def test_other_defense_weights_are_refused(uninterrupted, tmp_path, monkeypatch)
         evaluate.run(small, state_path=state, quiet=True)
 
 
+def test_a_revised_defense_refuses_states_made_before(uninterrupted, tmp_path, monkeypatch):
+    """A fix that changes what a defense computes bumps its revision: old states are not replayed."""
+    monkeypatch.setitem(D.DEFENSES, "scaled", Scaled)
+    state = str(tmp_path / "eval.safetensors")
+    small = config(defenses=("none", "scaled"), attacks=("fgsm",), threats=("oblivious",))
+    evaluate.run(small, state_path=state, quiet=True)
+    monkeypatch.setattr(Scaled, "revision", 2)
+    with pytest.raises(evaluate.EvalError, match="defense_revisions null there"):
+        evaluate.run(small, state_path=state, quiet=True)
+    evaluate.run(small, state_path=str(tmp_path / "new.safetensors"), quiet=True)
+    evaluate.run(small, state_path=str(tmp_path / "new.safetensors"), quiet=True)  # a rerun replays it
+
+
 def test_unreadable_state_is_one_clear_error(finished, tmp_path):
     data = finished.read_bytes()
     garbage, truncated, pickle, empty = (tmp_path / n for n in ("garbage", "truncated", "pickle", "empty"))
