@@ -187,3 +187,27 @@ def test_saved_checkpoints_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("arch", ["lenet", "resnet9", "resnet18"])
+def test_fold_batchnorm_is_the_same_function_without_batchnorm(arch):
+    """Every Conv->BN pair of the zoo is folded; logits and input gradients stay the same up to
+    rounding; the original model is untouched."""
+    torch.manual_seed(0)
+    channels, size = (1, 28) if arch == "lenet" else (3, 32)
+    spec = classifiers.ClassifierSpec(arch, 10, channels, size, (0.5,) * channels, (0.25,) * channels)
+    model = classifiers.build(spec)
+    with torch.no_grad():  # running statistics other than the initial (0, 1), as after training
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = classifiers.fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = torch.rand(4, channels, size, size, requires_grad=True)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    (g1,) = torch.autograd.grad(model(x).logsumexp(1).sum(), x)
+    (g2,) = torch.autograd.grad(folded(x).logsumexp(1).sum(), x)
+    torch.testing.assert_close(g2, g1, rtol=1e-3, atol=1e-5)
