@@ -620,17 +620,20 @@ def test_save_masks_name_clash_and_write_error(tmp_path, models, monkeypatch):
 
 
 def test_readme_main_command_purifies_the_samples_with_the_shipped_purifier(tmp_path):
-    """`pssr purify samples/ purified/`: every sample is greyscale, so the shipped MNIST purifier
-    takes all of them; the predictions after purification are the shipped classifier's on the outputs."""
+    """`pssr purify samples/ purified/`: the greyscale samples go to the shipped MNIST purifier, the colour
+    ones to the CIFAR-10 one; the predictions after purification are the shipped classifier's on the outputs."""
     samples = Path(__file__).resolve().parent.parent / "samples"
     out = tmp_path / "purified"
     result = _invoke(samples, out)
     assert result.exit_code == 0, result.output
     r = _by_path(out / "manifest.jsonl")
     pngs = sorted(p.relative_to(samples).as_posix() for p in samples.rglob("*.png"))
-    assert sorted(r) == pngs and all(v["status"] == "ok" and v["model"] == "mnist" for v in r.values())
-    f = classifiers.fold_batchnorm(classifiers.load(_REAL_SHIPPED("classifier-mnist"))[0])
+    assert sorted(r) == pngs and all(v["status"] == "ok" and v["model"] == v["path"].split("/")[0] for v in r.values())
+    assert {v["model"] for v in r.values()} == {"mnist", "cifar10"}
+    f = {name: classifiers.fold_batchnorm(classifiers.load(_REAL_SHIPPED(f"classifier-{name}"))[0])
+         for name in ("mnist", "cifar10")}
     for name, rec in r.items():
-        x = torch.from_numpy(np.asarray(Image.open(out / rec["output"]), dtype=np.float32) / 255)[None, None]
+        a = np.asarray(Image.open(out / rec["output"]), dtype=np.float32) / 255
+        x = torch.from_numpy(a)[None, None] if a.ndim == 2 else torch.from_numpy(a).permute(2, 0, 1)[None]
         assert 0.2 < rec["removed_fraction"] < 0.8
-        assert int(f(x).argmax(1)) == rec["pred_after"], name  # the 8-bit output is what was classified
+        assert int(f[rec["model"]](x).argmax(1)) == rec["pred_after"], name  # the 8-bit output was classified
