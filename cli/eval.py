@@ -33,6 +33,10 @@ from pssr.defenses import DefenseError
               help="Draws of a randomized defense per gradient in the eot threat model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds every run (deterministic on the CPU).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
+@click.option("--fold-batchnorm", is_flag=True,
+              help="Run the classifier with each BatchNorm folded into its convolution, channels-last: the "
+                   "same function up to float rounding, ~1.6x faster on the CPU (benchmarks/fold_batchnorm.py). "
+                   "Digests still name the stored weights; the --state file records the choice.")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Also write {config, classifier, records, clean, worst_case, seed} as JSON (atomically).")
 @click.option("--markdown", "markdown_path", type=click.Path(), default=None,
@@ -52,7 +56,7 @@ from pssr.defenses import DefenseError
                    "skips those runs and gives the same report (total seconds aside). Refused if the options differ.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
 def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats, limit, limit_expensive, eot,
-                 seed, batch_size, json_path, markdown_path, plot_path, examples_path, eps_curve_path, state_path, quiet):
+                 seed, batch_size, fold_batchnorm, json_path, markdown_path, plot_path, examples_path, eps_curve_path, state_path, quiet):
     """Clean and robust accuracy of a classifier behind each defense, under each attack and threat model.
 
     \b
@@ -80,6 +84,7 @@ def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats
         classifier=classifier_path, dataset=dataset, data_root=data_root,
         defenses=defenses or evaluate.DEFAULT_DEFENSES, attacks=attacks, threats=threats or evaluate.THREATS,
         limit=limit, limit_expensive=limit_expensive, eot=eot, seed=seed, batch_size=batch_size,
+        fold_batchnorm=fold_batchnorm,
     )
     try:
         result = evaluate.run(config, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,

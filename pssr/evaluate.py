@@ -107,6 +107,10 @@ class Config:
     eot: int = 8
     seed: int = 0
     batch_size: int = 256
+    # Run the classifier (and PSSR's saliency step) with each BatchNorm folded into its convolution,
+    # channels-last: the same function up to float rounding, ~1.6x faster on the CPU
+    # (benchmarks/fold_batchnorm.py: LeNet and ResNet-9, forward+backward).
+    fold_batchnorm: bool = False
 
 
 @dataclass
@@ -305,6 +309,8 @@ def defining_options(resolved: dict, classifier_sha256: str, data, defenses: lis
     digest = hashlib.sha256(data.images.contiguous().numpy().tobytes())
     digest.update(data.labels.to(torch.int64).contiguous().numpy().tobytes())
     options = {k: v for k, v in resolved.items() if k not in NOT_DEFINING}
+    if not options.get("fold_batchnorm"):  # only when on, so that states made before it stay valid
+        options.pop("fold_batchnorm", None)
     options.update(classifier_sha256=classifier_sha256, data_sha256=digest.hexdigest(),
                    defense_weights=_defense_weights(defenses))
     revisions = {d.name: d.defense.revision for d in defenses if d.defense.revision != 1}
@@ -661,6 +667,8 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
             print(f"note: resuming from {state_path}: {len(state.units)} finished runs", file=sys.stderr)
     show = not quiet and sys.stderr.isatty()
     total = plan_size(defenses, atts, threats)
+    if config.fold_batchnorm:  # after the digests, which name the stored weights
+        classifier = _folded(classifier, pssr_defense)
     with tqdm(total=total, disable=not show, file=sys.stderr, unit="run", dynamic_ncols=True) as bar:
         ev = _Evaluation(config, classifier, x, y, defenses, n, m, bar, state)
         result.clean = [ev.clean(d) for d in defenses]
@@ -688,6 +696,14 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
     except OSError as exc:
         raise EvalError(f"cannot write {exc.filename or 'an output file'}: {exc.strerror or exc}") from exc
     return result
+
+
+def _folded(classifier: torch.nn.Module, pssr_defense) -> torch.nn.Module:
+    """The classifier with BatchNorm folded, channels-last, also inside PSSR's saliency step."""
+    fast = classifiers.fold_batchnorm(classifier).to(memory_format=torch.channels_last)
+    if pssr_defense is not None and pssr_defense.purifier is not None:
+        pssr_defense.purifier.surgery.classifier = fast
+    return fast
 
 
 def _example_rows(defense, classifier, atts: list[_Attack], x, y, config: Config, bar, k: int = 3) -> list:

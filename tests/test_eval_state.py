@@ -169,6 +169,7 @@ def test_other_options_are_refused(finished, tmp_path):
         (dict(eot=2), "eot 8 there, 2 here"),
         (dict(batch_size=8), "batch_size 16 there, 8 here"),
         (dict(limit_expensive=5), "limit_expensive 10 there, 5 here"),
+        (dict(fold_batchnorm=True), "fold_batchnorm null there, true here"),
     ]
     for kw, needle in cases:
         with pytest.raises(evaluate.EvalError, match="from another evaluation") as err:
@@ -221,6 +222,20 @@ def test_a_revised_defense_refuses_states_made_before(uninterrupted, tmp_path, m
         evaluate.run(small, state_path=state, quiet=True)
     evaluate.run(small, state_path=str(tmp_path / "new.safetensors"), quiet=True)
     evaluate.run(small, state_path=str(tmp_path / "new.safetensors"), quiet=True)  # a rerun replays it
+
+
+def test_folded_batchnorm_gives_the_same_report(uninterrupted, tmp_path):
+    """--fold-batchnorm runs another graph for the same function: same per-run accuracies here, and
+    its state file is its own (a state made without it stays valid for runs without it)."""
+    state = tmp_path / "fold.safetensors"
+    folded = evaluate.run(config(fold_batchnorm=True), state_path=str(state), quiet=True).to_json()
+    plain = uninterrupted[0]
+    key = lambda r: (r["defense"], r["attack"], r["threat"])  # noqa: E731
+    assert [(key(r), r["robust_accuracy"]) for r in folded["records"]] == \
+        [(key(r), r["robust_accuracy"]) for r in plain["records"]]
+    assert [c["accuracy"] for c in folded["clean"]] == [c["accuracy"] for c in plain["clean"]]
+    with pytest.raises(evaluate.EvalError, match="fold_batchnorm true there"):
+        evaluate.run(config(), state_path=str(state), quiet=True)
 
 
 def test_unreadable_state_is_one_clear_error(finished, tmp_path):

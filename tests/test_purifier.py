@@ -232,3 +232,26 @@ def test_regenerator_output_clamp_passes_only_inward_gradients():
     grad = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # descent moves a by -grad
     (g,) = torch.autograd.grad(out, a, grad)
     assert g.tolist() == [0.0, -1.0, 1.0, -1.0, 1.0, 0.0]
+
+
+def test_eval_with_folded_batchnorm_folds_the_saliency_classifier_too(tmp_path, mnist_classifier, monkeypatch):
+    """--fold-batchnorm: PSSR's saliency step runs the folded classifier as well (it is half the
+    cost), and the report's accuracies are those of the stored weights on these images."""
+    from pssr import evaluate
+
+    f, _ = mnist_classifier
+    path = tmp_path / "p.safetensors"
+    save_tiny(path, f)
+    seen = []
+    real = evaluate._folded
+    monkeypatch.setattr(evaluate, "_folded", lambda c, d: seen.append(d) or real(c, d))
+    base = dict(classifier=str(purifier.shipped_path("classifier-mnist")), data_root=DATA,
+                defenses=("none", f"pssr:path={path}"), attacks=("fgsm",), threats=("oblivious", "bpda", "mask-fixed"),
+                limit=16)
+    plain = evaluate.run(evaluate.Config(**base), quiet=True)
+    folded = evaluate.run(evaluate.Config(**base, fold_batchnorm=True), quiet=True)
+    (d,) = seen
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.purifier.surgery.classifier.modules())
+    assert [(r.defense, r.threat, r.robust_accuracy) for r in folded.records] == \
+        [(r.defense, r.threat, r.robust_accuracy) for r in plain.records]
+    assert [c.accuracy for c in folded.clean] == [c.accuracy for c in plain.clean]
