@@ -114,10 +114,45 @@ def _md_table(head: tuple, rows: list[tuple], left: int) -> list[str]:
     return ["| " + " | ".join(map(esc, row)) + " |" for row in [head, align, *rows]]
 
 
-def format_markdown(result) -> str:
-    """The same report as markdown: header, robust-accuracy table, per-defense table, notes."""
+def summary_rows(result) -> tuple[tuple, list[tuple]]:
+    """(head, rows) of the compact view: one row per attack (plus clean and worst case), one column
+    per defense; a cell is "oblivious / strongest other threat model (its name)", so a defense's
+    non-adaptive number never stands without its adaptive one."""
     doc = _doc(result)
-    lines = ["# pssr eval", ""] + [f"{h}  " for h in _header(doc)] + ["", "## Robust accuracy per attack", ""]
+    defenses = [c["defense"] for c in doc["clean"]]
+    attacks = list(dict.fromkeys(r["attack_label"] for r in doc["records"]))
+    cells: dict = {}
+    for r in doc["records"]:
+        cells.setdefault((r["defense"], r["attack_label"]), []).append(r)
+    rows = [("clean", *(_pct(c["accuracy"]) + (f" (n={c['n']})" if c["n"] != doc["clean"][0]["n"] else "")
+                        for c in doc["clean"]))]
+    for label in attacks:
+        ns = {r["n"] for d in defenses for r in cells.get((d, label), [])}
+        row = [label + (f" (n={min(ns)})" if len(ns) == 1 and min(ns) != doc["clean"][0]["n"] else "")]
+        for d in defenses:
+            runs = cells.get((d, label), [])
+            oblivious = [r for r in runs if r["threat"] == "oblivious"]
+            others = [r for r in runs if r["threat"] != "oblivious"]
+            text = _pct(oblivious[0]["robust_accuracy"]) if oblivious else "–"
+            if others:
+                worst = min(others, key=lambda r: r["robust_accuracy"])
+                text += f" / {_pct(worst['robust_accuracy'])} ({worst['threat']})"
+            row.append(text)
+        rows.append(tuple(row))
+    worst = {w["defense"]: w for w in doc["worst_case"]}
+    rows.append(("**worst case, per example**", *(
+        f"**{_pct(worst[d]['robust_accuracy'])}** (n={worst[d]['n']})" if d in worst else "–" for d in defenses)))
+    return ("attack", *defenses), rows
+
+
+def format_markdown(result) -> str:
+    """The same report as markdown: header, summary, robust-accuracy table, per-defense table, notes."""
+    doc = _doc(result)
+    lines = ["# pssr eval", ""] + [f"{h}  " for h in _header(doc)] + ["", "## Summary", ""]
+    head, rows = summary_rows(doc)
+    lines += _md_table(head, rows, left=1) + ["", "Cells: robust accuracy under the oblivious (transfer) attack / "
+                                                "under the strongest other threat model that ran (named)."]
+    lines += ["", "## Robust accuracy per attack", ""]
     lines += _md_table(RUN_HEAD, _run_rows(doc), left=3) if doc["records"] else ["(no attack runs)"]
     lines += ["", "## Clean accuracy and per-example worst case", ""]
     lines += _md_table(DEFENSE_HEAD, _defense_rows(doc), left=1)

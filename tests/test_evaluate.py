@@ -117,6 +117,28 @@ def test_markdown_and_table(evaluated):
     assert "worst case" in table and "oblivious" in table and "bpda" in table
 
 
+def test_markdown_summary_pairs_each_oblivious_number_with_the_strongest_adaptive_one(evaluated):
+    result, _ = evaluated
+    head, rows = report.summary_rows(result.to_json())
+    names = [c.defense for c in result.clean]
+    assert head == ("attack", *names) and len(names) == len(DEFENSES)
+    by_label = {row[0].split(" (n=")[0]: row[1:] for row in rows}
+    labels = list(dict.fromkeys(r.attack_label for r in result.records))
+    assert list(by_label) == ["clean", *labels, "**worst case, per example**"]
+    for label in labels:
+        for d, cell in zip(names, by_label[label]):
+            runs = [r for r in result.records if r.defense == d and r.attack_label == label]
+            oblivious = next(r for r in runs if r.threat == "oblivious")
+            others = [r for r in runs if r.threat != "oblivious"]
+            expected = f"{100 * oblivious.robust_accuracy:.1f}%"
+            if others:  # 'none' has only the oblivious (white-box) run
+                worst = min(others, key=lambda r: r.robust_accuracy)
+                expected += f" / {100 * worst.robust_accuracy:.1f}% ({worst.threat})"
+            assert cell == expected
+    assert by_label["**worst case, per example**"][0].startswith(f"**{100 * result.worst_case[0].robust_accuracy:.1f}%**")
+    assert "## Summary" in report.format_markdown(result.to_json())
+
+
 def test_plot_is_a_png(evaluated):
     _, paths = evaluated
     png = paths["plot_path"].read_bytes()
