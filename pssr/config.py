@@ -7,6 +7,7 @@ typo in a config never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from importlib import resources
@@ -99,6 +100,8 @@ def _check_value(value, hint, key: str):
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r}")
         return float(value)
@@ -107,6 +110,9 @@ def _check_value(value, hint, key: str):
             raise ConfigError(f"{key}: must be a string, got {value!r}")
         return value
     return value
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def from_dict(cls, data, key: str = ""):

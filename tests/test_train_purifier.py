@@ -35,6 +35,11 @@ def test_presets_load_and_bad_configs_are_rejected():
         train_purifier.load_config("mnist", ["lossy.pixel=1"])
     with pytest.raises(ConfigError, match="surgery.alpha: must be a number"):
         train_purifier.load_config("mnist", ["surgery.alpha=lots"])
+    with pytest.raises(ConfigError, match="train.lr: must be a number"):
+        train_purifier.load_config("mnist", ["train.lr=5e-4x"])
+    # YAML 1.1 reads an exponent without a dot as a string: still a number here
+    assert train_purifier.load_config("mnist", ["train.lr=5e-4"]).train.lr == 5e-4
+    assert train_purifier.load_config("mnist", ["train.lr=+2.5E-3"]).train.lr == 2.5e-3
     with pytest.raises(ConfigError, match="mean or topk|must be one of"):
         train_purifier.load_config("mnist", ["surgery.mode=median"])
     with pytest.raises(ConfigError, match="loss weights"):
