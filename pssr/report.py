@@ -136,7 +136,8 @@ def summary_rows(result) -> tuple[tuple, list[tuple]]:
             text = _pct(oblivious[0]["robust_accuracy"]) if oblivious else "–"
             if others:
                 worst = min(others, key=lambda r: r["robust_accuracy"])
-                text += f" / {_pct(worst['robust_accuracy'])} ({worst['threat']})"
+                n_note = f", n={worst['n']}" if oblivious and worst["n"] != oblivious[0]["n"] else ""
+                text += f" / {_pct(worst['robust_accuracy'])} ({worst['threat']}{n_note})"
             row.append(text)
         rows.append(tuple(row))
     worst = {w["defense"]: w for w in doc["worst_case"]}

@@ -133,7 +133,8 @@ def test_markdown_summary_pairs_each_oblivious_number_with_the_strongest_adaptiv
             expected = f"{100 * oblivious.robust_accuracy:.1f}%"
             if others:  # 'none' has only the oblivious (white-box) run
                 worst = min(others, key=lambda r: r.robust_accuracy)
-                expected += f" / {100 * worst.robust_accuracy:.1f}% ({worst.threat})"
+                n_note = f", n={worst.n}" if worst.n != oblivious.n else ""  # e.g. soft-mask on the first M
+                expected += f" / {100 * worst.robust_accuracy:.1f}% ({worst.threat}{n_note})"
             assert cell == expected
     assert by_label["**worst case, per example**"][0].startswith(f"**{100 * result.worst_case[0].robust_accuracy:.1f}%**")
     assert "## Summary" in report.format_markdown(result.to_json())
