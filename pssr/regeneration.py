@@ -28,12 +28,19 @@ class RegeneratorSpec:
     channels: int  # image channels (1 for MNIST, 3 for CIFAR)
     width: int = 32
     dropout: float = 0.1
+    # 0: G reads the surviving pixels as they are; b >= 1: rounded to 2**b levels first, so that a
+    # perturbation that moves no pixel across a level cannot steer what G paints into the holes
+    # (the kept pixels themselves still reach f unchanged). Straight-through backward, so attacks
+    # keep a useful gradient (BPDA for the rounding) and no robustness comes from masked gradients.
+    input_bits: int = 0
 
     def __post_init__(self):
         if self.channels < 1 or self.width < 1:
             raise ValueError("regenerator channels and width must be >= 1")
         if not 0 <= self.dropout < 1:
             raise ValueError("regenerator dropout must be in [0, 1)")
+        if not 0 <= self.input_bits <= 8:
+            raise ValueError("regenerator input_bits must be in 0..8 (0: no rounding)")
 
 
 class GatedConv(nn.Module):
@@ -68,6 +75,18 @@ class _ClampInward(torch.autograd.Function):
         return grad.masked_fill(outward, 0)
 
 
+class _RoundStraightThrough(torch.autograd.Function):
+    """round(x · L) / L forward; identity backward (BPDA's rule for a quantiser)."""
+
+    @staticmethod
+    def forward(ctx, x, levels: int):
+        return torch.round(x.clamp(0, 1) * levels) / levels
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 class Regenerator(nn.Module):
     """G(x_s, m) -> an image in [0, 1] of x_s's shape."""
 
@@ -85,6 +104,8 @@ class Regenerator(nn.Module):
         nn.init.constant_(self.out.bias, 0.5)  # start mid-range: the clamp's dead zones are far away
 
     def forward(self, x_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.spec.input_bits:
+            x_s = _RoundStraightThrough.apply(x_s, 2**self.spec.input_bits - 1)
         skip = self.encode(torch.cat([x_s, mask.to(x_s.dtype)], dim=1))
         deep = self.context(self.down(skip))
         up = F.interpolate(deep, size=skip.shape[-2:], mode="nearest")

@@ -61,6 +61,11 @@ class RegeneratorConfig:
     width: int = 32
     dropout: float = 0.1
     init: str | None = None  # start G from this purifier checkpoint (same size and classifier): fine-tuning
+    input_bits: int = 0  # G reads the surviving pixels rounded to 2**b levels (0: as they are)
+
+    def __post_init__(self):
+        if self.width < 1 or not 0 <= self.dropout < 1 or not 0 <= self.input_bits <= 8:
+            raise ValueError("regenerator: width >= 1, dropout in [0, 1), input_bits in 0..8")
 
 
 @dataclass
@@ -310,7 +315,7 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
 
     classifier_sha = checkpoint.weights_sha256(f.state_dict())
     torch.manual_seed(tc.seed)  # initial weights, the same on every rank
-    rspec = RegeneratorSpec(C, cfg.regenerator.width, cfg.regenerator.dropout)
+    rspec = RegeneratorSpec(C, cfg.regenerator.width, cfg.regenerator.dropout, cfg.regenerator.input_bits)
     G = Regenerator(rspec).to(dd.device)
     if cfg.regenerator.init:
         _init_from(G, Path(cfg.regenerator.init), rspec, classifier_sha)

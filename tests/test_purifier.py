@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pssr import attacks, checkpoint, classifiers, purifier
+from pssr import attacks, checkpoint, classifiers, purifier, train_purifier
+from pssr.config import ConfigError
 from pssr.data import load_dataset
 from pssr.defenses import DefendedModel, DefenseError, parse_defense
 from pssr.regeneration import Regenerator, RegeneratorSpec, compose
@@ -255,3 +256,29 @@ def test_eval_with_folded_batchnorm_folds_the_saliency_classifier_too(tmp_path, 
     assert [(r.defense, r.threat, r.robust_accuracy) for r in folded.records] == \
         [(r.defense, r.threat, r.robust_accuracy) for r in plain.records]
     assert [c.accuracy for c in folded.clean] == [c.accuracy for c in plain.clean]
+
+
+def test_regenerator_input_bits_rounds_what_g_reads_with_a_straight_through_gradient():
+    """input_bits=1: a perturbation that moves no surviving pixel across 0.5 cannot change G's output;
+    the backward is the identity through the rounding, so an attacker still gets a gradient."""
+    torch.manual_seed(0)
+    G = Regenerator(RegeneratorSpec(1, 8, 0.0, input_bits=1)).eval()
+    x = torch.rand(4, 1, 16, 16)
+    mask = torch.rand(4, 1, 16, 16) > 0.5
+    delta = 0.05 * torch.sign(torch.randn_like(x))
+    crosses = (x - 0.5).sign() != (x + delta - 0.5).sign()
+    nudged = torch.where(crosses, x, x + delta)  # every pixel stays on its side of 0.5
+    with torch.no_grad():
+        assert torch.equal(G(x, mask), G(nudged, mask))
+        plain = Regenerator(RegeneratorSpec(1, 8, 0.0)).eval()
+        plain.load_state_dict(G.state_dict())
+        assert not torch.equal(plain(x, mask), plain(nudged, mask))
+    xg = x.clone().requires_grad_(True)
+    G(xg, mask).sum().backward()
+    assert xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="input_bits"):
+        RegeneratorSpec(1, 8, 0.0, input_bits=9)
+    cfg = train_purifier.load_config("mnist", ["regenerator.input_bits=1"])
+    assert cfg.regenerator.input_bits == 1
+    with pytest.raises(ConfigError, match="input_bits"):
+        train_purifier.load_config("mnist", ["regenerator.input_bits=12"])
