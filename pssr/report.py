@@ -124,11 +124,11 @@ def summary_rows(result) -> tuple[tuple, list[tuple]]:
     cells: dict = {}
     for r in doc["records"]:
         cells.setdefault((r["defense"], r["attack_label"]), []).append(r)
-    rows = [("clean", *(_pct(c["accuracy"]) + (f" (n={c['n']})" if c["n"] != doc["clean"][0]["n"] else "")
-                        for c in doc["clean"]))]
+    n = doc["clean"][0]["n"]  # the evaluation's image count; cells on fewer images say so
+    rows = [("clean", *(_pct(c["accuracy"]) + (f" (n={c['n']})" if c["n"] != n else "") for c in doc["clean"]))]
     for label in attacks:
         ns = {r["n"] for d in defenses for r in cells.get((d, label), [])}
-        row = [label + (f" (n={min(ns)})" if len(ns) == 1 and min(ns) != doc["clean"][0]["n"] else "")]
+        row = [label + (f" (n={min(ns)})" if len(ns) == 1 and min(ns) != n else "")]
         for d in defenses:
             runs = cells.get((d, label), [])
             oblivious = [r for r in runs if r["threat"] == "oblivious"]

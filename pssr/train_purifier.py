@@ -64,8 +64,7 @@ class RegeneratorConfig:
     input_bits: int = 0  # G reads the surviving pixels rounded to 2**b levels (0: as they are)
 
     def __post_init__(self):
-        if self.width < 1 or not 0 <= self.dropout < 1 or not 0 <= self.input_bits <= 8:
-            raise ValueError("regenerator: width >= 1, dropout in [0, 1), input_bits in 0..8")
+        RegeneratorSpec(1, self.width, self.dropout, self.input_bits)  # its checks are the rules: refused at load
 
 
 @dataclass

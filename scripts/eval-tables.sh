@@ -25,12 +25,13 @@ if [ "$dataset" = mnist ]; then
   BASELINES="${BASELINES:-none jpeg bit-depth:bits=4 bit-depth:bits=1 median tvm}"
   TUNED_TVM="${TUNED_TVM-tvm:prob=0.7,lamb=0.1}"
   ATTACKS="${ATTACKS:-fgsm pgd mifgsm cw deepfool autoattack square}"
+  FOLD_BN="${FOLD_BN:-0}"
 else
   BASELINES="${BASELINES:-none jpeg bit-depth:bits=4 median tvm:prob=0.7,lamb=0.05}"
   TUNED_TVM="${TUNED_TVM-}"
   ATTACKS="${ATTACKS:-fgsm pgd pgd100 pgd-l2 mifgsm cw deepfool autoattack square}"
+  FOLD_BN="${FOLD_BN:-1}"
 fi
-if [ "$dataset" = mnist ]; then FOLD_BN="${FOLD_BN:-0}"; else FOLD_BN="${FOLD_BN:-1}"; fi
 fold=(); [ "$FOLD_BN" = 1 ] && fold=(--fold-batchnorm)
 out="results/$dataset"
 mkdir -p "$out"
