@@ -238,6 +238,31 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded.requires_grad_(False)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands back a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class ChannelsLast(nn.Module):
+    """``model`` run channels-last (~1.4x faster convolutions on the CPU) behind a plain interface:
+    inputs of any layout, and input gradients that come back contiguous, since attack libraries
+    ``.view`` them (torchattacks' PGD-L2 does) and a channels-last gradient cannot be viewed."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_ContiguousGrad.apply(x).contiguous(memory_format=torch.channels_last))
+
+
 def export(model: nn.Module, path, *, arch: str, arch_kwargs: dict | None = None, num_classes: int,
            in_channels: int, image_size: int, mean=None, std=None, dataset: str = "", classes=(),
            extra: dict | None = None) -> ClassifierSpec:

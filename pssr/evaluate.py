@@ -700,7 +700,7 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
 
 def _folded(classifier: torch.nn.Module, pssr_defense) -> torch.nn.Module:
     """The classifier with BatchNorm folded, channels-last, also inside PSSR's saliency step."""
-    fast = classifiers.fold_batchnorm(classifier).to(memory_format=torch.channels_last)
+    fast = classifiers.ChannelsLast(classifiers.fold_batchnorm(classifier))
     if pssr_defense is not None and pssr_defense.purifier is not None:
         pssr_defense.purifier.surgery.classifier = fast
     return fast

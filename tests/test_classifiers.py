@@ -211,3 +211,21 @@ def test_fold_batchnorm_is_the_same_function_without_batchnorm(arch):
     (g1,) = torch.autograd.grad(model(x).logsumexp(1).sum(), x)
     (g2,) = torch.autograd.grad(folded(x).logsumexp(1).sum(), x)
     torch.testing.assert_close(g2, g1, rtol=1e-3, atol=1e-5)
+
+
+def test_channels_last_wrapper_hands_back_viewable_gradients():
+    """Attack libraries .view() input gradients (torchattacks' PGD-L2 did, and failed on the bare
+    channels-last model): the wrapper's are contiguous, and the same as the plain model's."""
+    torch.manual_seed(0)
+    spec = classifiers.ClassifierSpec("resnet9", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
+    model = classifiers.build(spec).eval()
+    fast = classifiers.ChannelsLast(classifiers.fold_batchnorm(model))
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    (g,) = torch.autograd.grad(fast(x).logsumexp(1).sum(), x)
+    assert g.is_contiguous()
+    g.view(3, -1)  # what failed before
+    (g0,) = torch.autograd.grad(model(x).logsumexp(1).sum(), x)
+    torch.testing.assert_close(g, g0, rtol=1e-3, atol=1e-5)
+    bare = classifiers.fold_batchnorm(model).to(memory_format=torch.channels_last)
+    (gb,) = torch.autograd.grad(bare(x).logsumexp(1).sum(), x)
+    assert not gb.is_contiguous()  # the failure the wrapper exists for still happens without it
