@@ -85,7 +85,37 @@ def _notes(doc: dict) -> list[str]:
         "include the one shared attack run).",
         "worst case: an image counts only if it is correct clean and survives every attack under every threat "
         "model that ran on it; over the first n images, which all of that defense's runs saw.",
-    ]
+    ] + eps_warnings(doc)
+
+
+def eps_warnings(result) -> list[str]:
+    """A check from the attack-evaluation checklist: robust accuracy must not rise with ε, since every
+    smaller-ε perturbation is also a larger-ε one. Where it does (same defense, threat model, attack
+    and norm, same images; by at least 2 images and 1 point) the attack is too weak at the larger ε,
+    and the report says so: that run overestimates the defense, and the smaller value bounds it."""
+    from pssr.attacks import parse_attack
+
+    doc = _doc(result)
+    dataset = doc["config"].get("preset_dataset") or doc["config"]["dataset"]
+    groups: dict = {}
+    for r in doc["records"]:
+        spec = parse_attack(r["attack"], dataset)
+        groups.setdefault((r["defense"], r["threat"], spec.name, spec.norm, r["n"]), []).append((spec.eps, r))
+    out = []
+    for (defense, threat, _, _, n), runs in groups.items():
+        runs.sort(key=lambda e: e[0])
+        for i, (eps_hi, hi) in enumerate(runs):
+            lower = [lo for eps_lo, lo in runs[:i] if eps_lo < eps_hi]
+            if not lower:
+                continue
+            lo = min(lower, key=lambda r: r["robust_accuracy"])
+            rise = hi["robust_accuracy"] - lo["robust_accuracy"]
+            if rise >= 0.01 and rise * n >= 2 - 1e-9:
+                out.append(f"warning: {defense}, {threat}: {hi['attack_label']} leaves {_pct(hi['robust_accuracy'])} "
+                           f"but {lo['attack_label']} only {_pct(lo['robust_accuracy'])}; robust accuracy rose with "
+                           f"eps, so the attack is too weak at the larger eps and overestimates the defense there "
+                           f"(the smaller number bounds it; the worst case counts both)")
+    return out
 
 
 def _table(head: tuple, rows: list[tuple], left: int) -> list[str]:

@@ -140,6 +140,26 @@ def test_markdown_summary_pairs_each_oblivious_number_with_the_strongest_adaptiv
     assert "## Summary" in report.format_markdown(result.to_json())
 
 
+def test_report_warns_when_robust_accuracy_rises_with_eps(evaluated):
+    """Robust accuracy must not rise with eps; where a run says it does, the report says the attack
+    was too weak there. Two copies of one run, relabelled to eps 0.1 and 0.3 (same images)."""
+    doc = json.loads(json.dumps(evaluated[0].to_json()))
+    base = next(r for r in doc["records"] if r["threat"] == "bpda")
+    small = {**base, "attack": "pgd:eps=0.1", "attack_label": "PGD eps=0.1", "robust_accuracy": 0.25}
+    large = {**base, "attack": "pgd:eps=0.3", "attack_label": "PGD eps=0.3", "robust_accuracy": 0.5}
+    doc["records"] = [small, large]
+    (warning,) = report.eps_warnings(doc)
+    assert base["defense"] in warning and "PGD eps=0.3 leaves 50.0%" in warning and "PGD eps=0.1 only 25.0%" in warning
+    assert warning in report.format_markdown(doc) and warning in report.format_table(doc)
+    doc["records"] = [small, {**large, "robust_accuracy": 0.2}]  # falls with eps: nothing to say
+    assert report.eps_warnings(doc) == []
+    doc["records"] = [small, {**large, "robust_accuracy": 0.25 + 1 / base["n"]}]  # one image: a random start's noise
+    assert report.eps_warnings(doc) == []
+    doc["records"] = [small, {**large, "threat": "oblivious", "robust_accuracy": 0.9}]  # another threat model
+    assert report.eps_warnings(doc) == []
+    assert not report.eps_warnings(evaluated[0].to_json())  # the real run: one eps per attack
+
+
 def test_plot_is_a_png(evaluated):
     _, paths = evaluated
     png = paths["plot_path"].read_bytes()
