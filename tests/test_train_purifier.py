@@ -67,7 +67,7 @@ def test_short_real_run_lowers_the_loss(tmp_path):
             return train_purifier.step_loss(f, surgery, G, x, y, x_adv, cfg.loss)[1]["loss"]
 
     torch.manual_seed(cfg.train.seed)
-    before = held_out_loss(Regenerator(RegeneratorSpec(1, 8, 0.0)))
+    before = held_out_loss(Regenerator(RegeneratorSpec(1, 8, 0.0, cfg.regenerator.input_bits)))
     out = tmp_path / "run"
     summary = train_purifier.run(cfg, out, data_root=DATA, quiet=True)
     assert summary["steps"] == 48
@@ -144,7 +144,7 @@ def test_adaptive_share_is_attacked_through_the_current_G(tmp_path, monkeypatch)
     f, attack, surgery = _attack_and_surgery(cfg)
     cached = load_file(str(out / "attack-cache.safetensors"))
     step2_G, x, y, x_adv, masks = seen[1]
-    G = Regenerator(RegeneratorSpec(1, 8, cfg.regenerator.dropout))
+    G = Regenerator(RegeneratorSpec(1, 8, cfg.regenerator.dropout, cfg.regenerator.input_bits))  # the preset's
     G.load_state_dict(step2_G)
     defended = PssrModel(purifier.Purifier(f, G, cfg.surgery), gradient="bpda")
     k = 4  # a quarter of 16
@@ -356,7 +356,7 @@ def test_regenerator_does_not_collapse_under_the_preset_loss():
     cfg = train_purifier.load_config("mnist")
     surgery = PixelSurgery(f, cfg.surgery)
     torch.manual_seed(0)
-    G = Regenerator(RegeneratorSpec(1, cfg.regenerator.width, cfg.regenerator.dropout))
+    G = Regenerator(RegeneratorSpec(1, cfg.regenerator.width, cfg.regenerator.dropout, cfg.regenerator.input_bits))
     opt = torch.optim.Adam(G.parameters(), cfg.train.lr)
     pixel = []
     for _ in range(8):
