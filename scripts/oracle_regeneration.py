@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--adaptive", action="store_true", help="add the attack-through-perfect-G column (slower)")
-    ap.add_argument("--attack", default="pgd", help="the adaptive column's attack (a preset name, e.g. square)")
+    ap.add_argument("--attack", default="pgd", help="the adaptive column's attack: a preset with overrides, e.g. square or square:n_queries=1000")
     ap.add_argument("--alpha", type=float, action="append", help="only these mean-mode α (repeatable)")
     args = ap.parse_args()
     f, _ = classifiers.load(purifier.shipped_path(f"classifier-{args.dataset}"))
@@ -72,7 +72,7 @@ def main() -> None:
             row = f"| {name} | {m_clean.float().mean():.1%} | {m_adv.float().mean():.1%} | {base:.1%} | {oracle:.1%} |"
             if args.adaptive:
                 with torch.enable_grad():
-                    spec = attacks.preset(args.attack, args.dataset)
+                    spec = attacks.parse_attack(args.attack, args.dataset)
                     x_ad = attacks.run_attack(spec, PerfectG(f, s, x, spec.eps), x, y, seed=args.seed, batch_size=len(x))
                 _, m_ad, _ = s(x_ad)
                 row += f" {(f(compose(x_ad, m_ad, x)).argmax(1) == y).float().mean():.1%} |"
