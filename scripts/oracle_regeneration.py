@@ -35,7 +35,7 @@ class PerfectG(torch.nn.Module):
         self.f, self.surgery, self.clean, self.eps = f, surgery, clean, eps
 
     def forward(self, x):
-        dist = (x.detach().flatten(1)[:, None, :] - self.clean.flatten(1)[None]).abs().amax(2)
+        dist = torch.cdist(x.detach().flatten(1), self.clean.flatten(1), p=float("inf"))  # (queries, clean)
         near, idx = dist.min(1)
         assert (near <= self.eps + 1e-4).all(), "a query is not within eps of any clean image"
         x_s, mask, _ = self.surgery(x, gradient="mask-fixed")
