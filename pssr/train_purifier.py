@@ -30,7 +30,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from . import attack_cache, attacks, checkpoint, classifiers, config, losses, purifier
+from . import attack_cache, attacks, checkpoint, classifiers, config, losses, noise, purifier
 from .data import dataset_key, load_dataset
 from .interrupt import GracefulStop
 from .adapters import PssrModel
@@ -131,6 +131,25 @@ class AdaptiveConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """Random ±ε perturbations (the training attack's ε) in place of part of each adversarial batch.
+
+    Not an attack (no gradient, no query; `pssr.noise`): G learns from the masks of randomly
+    perturbed images that the surgery's cut moves with the input, which is how gradient-free
+    attacks steer it. The last ``fraction`` of each batch; the adaptive share stays the first.
+    """
+
+    fraction: float = 0.0  # share of each batch (0: off)
+    kind: str = "both"  # stripes (±ε per column, Square's start), signs (±ε per pixel), or both
+
+    def __post_init__(self):
+        if not 0 <= self.fraction <= 1:
+            raise ValueError("fraction must be in [0, 1]")
+        if self.kind not in noise.KINDS:
+            raise ValueError(f"kind must be one of {', '.join(noise.KINDS)}")
+
+
+@dataclass
 class PurifierConfig:
     classifier: str = "mnist"  # a shipped classifier (mnist, cifar10) or a checkpoint path
     attack: str = "pgd:steps=10"  # the training attack (PGD family only), preset of the data set
@@ -140,6 +159,7 @@ class PurifierConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
 def load_config(source: str, overrides=()) -> PurifierConfig:
@@ -302,6 +322,8 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     attack = _training_attack("attack", cfg.attack, cspec.dataset or dataset)
     ac = cfg.adaptive
     adaptive_attack = _training_attack("adaptive.attack", ac.attack, cspec.dataset or dataset)
+    if cfg.noise.fraction and attack.norm != "Linf":
+        raise TrainError(f"noise.fraction needs an L∞ training attack (its ε sets the noise), not {attack.label()}")
     tc, lc = cfg.train, cfg.loss
     steps_per_epoch = len(train) // tc.batch_size
     if steps_per_epoch < 1:
@@ -400,6 +422,14 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                     if masks is not None:
                         with torch.no_grad():
                             masks = torch.cat([surgery(x_thru)[1], masks[0][k:]]), masks[1]
+                j = min(round(cfg.noise.fraction * len(x)), len(x) - k)
+                if j:  # the last j images: randomly perturbed clean ones, cut where their own saliency says
+                    x_noisy = noise.random_perturbation(x[len(x) - j:], attack.eps, cfg.noise.kind,
+                                                        _generator(tc.seed, epoch, b, dd.rank, 4))
+                    x_adv = torch.cat([x_adv[: len(x) - j], x_noisy])
+                    if masks is not None:
+                        with torch.no_grad():
+                            masks = torch.cat([masks[0][: len(x) - j], surgery(x_noisy)[1]]), masks[1]
                 torch.manual_seed(_seed(tc.seed, epoch, b, dd.rank, 2))  # this step's dropout draws
                 loss, terms = step_loss(f, surgery, model, x, y, x_adv, lc, masks)
                 lr = lr_at(step, total, tc)
@@ -442,6 +472,8 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
                    "attack": attack.label(), "train_images": len(train), "train_seconds_this_run": round(seconds, 1),
                    **({"adaptive": f"{ac.fraction:g} of each batch: {adaptive_attack.label()} through the defense "
                                    f"({ac.gradient})"} if ac.fraction else {}),
+                   **({"noise": f"{cfg.noise.fraction:g} of each batch: random {cfg.noise.kind} at the "
+                                f"training attack's ε"} if cfg.noise.fraction else {}),
                    **({"init": Path(cfg.regenerator.init).name} if cfg.regenerator.init else {})},
         )
         purifier.save(final_path, G, spec)

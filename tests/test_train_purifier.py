@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from pssr import attack_cache, attacks, checkpoint, classifiers, purifier, train_purifier
+from pssr import attack_cache, attacks, checkpoint, classifiers, noise, purifier, train_purifier
 from pssr.config import ConfigError
 from pssr.data import load_dataset
 from pssr.regeneration import Regenerator, RegeneratorSpec
@@ -84,10 +84,14 @@ def test_short_real_run_lowers_the_loss(tmp_path):
 ADAPTIVE = ["adaptive.fraction=0.25", "adaptive.attack=pgd:steps=2"]
 
 
-@pytest.mark.parametrize("cache", ["true", "false", "adaptive"])
+NOISE = ["noise.fraction=0.25"]
+
+
+@pytest.mark.parametrize("cache", ["true", "false", "adaptive", "noise"])
 def test_resume_is_exact(tmp_path, cache):
     torch.set_num_threads(1)
-    extra = [f"data.cache={cache != 'false'}".lower(), *(ADAPTIVE if cache == "adaptive" else [])]
+    extra = [f"data.cache={cache != 'false'}".lower(), *(ADAPTIVE if cache == "adaptive" else []),
+             *(NOISE if cache == "noise" else [])]
     cfg = tiny_config("train.epochs=2", *extra)  # 4 steps an epoch
     straight = tmp_path / "straight"
     train_purifier.run(cfg, straight, data_root=DATA, quiet=True)
@@ -102,10 +106,11 @@ def test_resume_is_exact(tmp_path, cache):
     with pytest.raises(train_purifier.TrainError, match="another config"):
         train_purifier.run(tiny_config("train.epochs=2", "loss.rdrop=0.5", *extra), resumed,
                            resume=True, data_root=DATA, quiet=True)
-    if cache != "adaptive":  # a state written before the `adaptive` keys existed resumes with their defaults
-        tensors, info = checkpoint.load(resumed / "state.safetensors")
+    if cache in ("true", "false"):  # a state written before the `adaptive` and `noise` keys existed resumes
+        tensors, info = checkpoint.load(resumed / "state.safetensors")  # with their defaults
         assert info["config"].pop("adaptive") == {"fraction": 0.0, "attack": "pgd:steps=10", "gradient": "bpda",
                                                    "watch_n": 0}
+        assert info["config"].pop("noise") == {"fraction": 0.0, "kind": "both"}
         checkpoint.save(resumed / "state.safetensors", tensors, info)
     with open(resumed / "log.jsonl", "a") as fh:  # as if killed hard after logging steps past the checkpoint
         fh.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + json.dumps({"step": 5, "loss": 9.0}) + "\n")
@@ -156,6 +161,62 @@ def test_adaptive_share_is_attacked_through_the_current_G(tmp_path, monkeypatch)
     p, spec, _ = purifier.load(out / "purifier.safetensors")
     assert spec.extra["watch_bpda_n"] == 8
     assert any('"watch_bpda_acc"' in line for line in (out / "log.jsonl").read_text().splitlines())
+
+
+def test_noise_share_is_randomly_perturbed_clean_images_cut_where_their_saliency_says(tmp_path, monkeypatch):
+    """noise.fraction: the last share of each batch is the clean images plus seeded random ±ε noise
+    (the training attack's ε), with the surgery's mask of those noisy images; the adaptive share stays
+    the first, the cached attack the middle."""
+    torch.set_num_threads(1)
+    cfg = tiny_config("train.epochs=1", "train.max_steps=2", "noise.fraction=0.25", "noise.kind=stripes", *ADAPTIVE)
+    seen = []
+    real_step = train_purifier.step_loss
+
+    def spy(f, surgery, G, x, y, x_adv, lc, masks=None):
+        seen.append((x.clone(), x_adv.clone(), masks))
+        return real_step(f, surgery, G, x, y, x_adv, lc, masks)
+
+    monkeypatch.setattr(train_purifier, "step_loss", spy)
+    out = tmp_path / "r"
+    train_purifier.run(cfg, out, data_root=DATA, quiet=True)
+    f, attack, surgery = _attack_and_surgery(cfg)
+    x, x_adv, masks = seen[1]
+    k = j = 4  # a quarter of 16 each
+    want = noise.random_perturbation(x[-j:], attack.eps, "stripes", train_purifier._generator(cfg.train.seed, 0, 1, 0, 4))
+    assert torch.equal(x_adv[-j:], want) and torch.equal(masks[0][-j:], surgery(want)[1])
+    delta = x_adv[-j:] - x[-j:]
+    assert delta.abs().max() <= attack.eps + 1e-6 and not torch.equal(delta, torch.zeros_like(delta))
+    cached = load_file(str(out / "attack-cache.safetensors"))
+    idx = torch.randperm(64, generator=train_purifier._generator(cfg.train.seed, 0))[16:32]
+    assert torch.equal(x_adv[k:-j], cached["x_adv"][idx][k:-j])
+    assert torch.equal(masks[0][k:-j], cached["mask_adv"][idx][k:-j].bool())
+    assert not torch.equal(x_adv[:k], cached["x_adv"][idx][:k])  # the adaptive share is still there
+    p, spec, _ = purifier.load(out / "purifier.safetensors")
+    assert "random stripes" in spec.extra["noise"]
+    with pytest.raises(ConfigError, match="noise: kind must be one of"):
+        tiny_config("noise.kind=gauss")
+    with pytest.raises(ConfigError, match="noise: fraction must be in"):
+        tiny_config("noise.fraction=2")
+    with pytest.raises(train_purifier.TrainError, match="noise.fraction needs an L∞ training attack"):
+        train_purifier.run(tiny_config("noise.fraction=0.5", "attack=pgd-l2:steps=2"), tmp_path / "l2",
+                           data_root=DATA, quiet=True)
+
+
+def test_random_perturbation_is_bounded_seeded_and_of_its_kind():
+    x = torch.rand(6, 3, 8, 8)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    for kind in noise.KINDS:
+        a, b = noise.random_perturbation(x, 0.1, kind, g()), noise.random_perturbation(x, 0.1, kind, g())
+        assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+        assert (a - x).abs().max() <= 0.1 + 1e-6
+        inside = (x > 0.1) & (x < 0.9)  # no clipping there: exactly ±ε
+        assert torch.allclose((a - x).abs()[inside], torch.full_like(x[inside], 0.1), atol=1e-6)
+    s = noise.random_perturbation(torch.full((4, 1, 8, 8), 0.5), 0.1, "stripes", g())
+    assert torch.equal(s, s[:, :, :1].expand_as(s))  # one sign per column
+    p = noise.random_perturbation(torch.full((4, 1, 8, 8), 0.5), 0.1, "signs", g())
+    assert not torch.equal(p, p[:, :, :1].expand_as(p))
+    with pytest.raises(ValueError, match="noise kind must be one of"):
+        noise.random_perturbation(x, 0.1, "gauss", g())
 
 
 def test_regenerator_init_starts_from_a_checkpoint_and_checks_it(tmp_path, monkeypatch):
