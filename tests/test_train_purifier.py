@@ -408,7 +408,12 @@ def test_resume_refuses_another_process_count_or_classifier(tmp_path):
 
 def test_regenerator_does_not_collapse_under_the_preset_loss():
     """Regression: with a per-pixel-mean L1 the cross-entropy swamped the pixel term and every hole
-    pixel went black within one Adam step, for good. With the preset's weights G keeps filling."""
+    pixel went black within one Adam step, for good. With the preset's weights G keeps filling.
+
+    Early on, the share of filled hole pixels swings between ~0 and 1 from one step to the next
+    (measured: width 16 at step 12, width 32 at step 8 are both near 0), so one look at one step
+    cannot tell a swing from the collapse; the collapse stays at ~0, so the best of three later
+    looks must not."""
     torch.set_num_threads(1)
     f, _ = classifiers.load(purifier.shipped_path("classifier-mnist"))
     d = load_dataset("mnist", DATA, "train").subset(64)
@@ -419,17 +424,21 @@ def test_regenerator_does_not_collapse_under_the_preset_loss():
     torch.manual_seed(0)
     G = Regenerator(RegeneratorSpec(1, cfg.regenerator.width, cfg.regenerator.dropout, cfg.regenerator.input_bits))
     opt = torch.optim.Adam(G.parameters(), cfg.train.lr)
-    pixel = []
-    for _ in range(8):
+    pixel, filled_share = [], []
+    with torch.no_grad():
+        x_s, mask, _ = surgery(x)
+    for step in range(1, 25):
+        G.train()
         loss, terms = train_purifier.step_loss(f, surgery, G, x, y, x_adv, cfg.loss)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.train.grad_clip)
         opt.step()
         pixel.append(terms["pixel"])
-    G.eval()
-    with torch.no_grad():
-        x_s, mask, _ = surgery(x)
-        filled = G(x_s, mask)[mask.expand_as(x)]
-    assert (filled > 0.05).float().mean() > 0.2, "G fills the holes with black"
+        if step in (16, 20, 24):
+            G.eval()
+            with torch.no_grad():
+                filled = G(x_s, mask)[mask.expand_as(x)]
+            filled_share.append(float((filled > 0.05).float().mean()))
+    assert max(filled_share) > 0.2, f"G fills the holes with black: {filled_share}"
     assert pixel[-1] < pixel[0]
