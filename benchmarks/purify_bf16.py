@@ -6,22 +6,12 @@ change (masks, purified predictions, accuracy) on the first N CIFAR-10 test imag
 """
 
 import argparse
-import time
 
 import torch
+from fold_batchnorm import per_image_ms  # benchmarks/: the same forward+backward timing
 
 from pssr import data
 from pssr.purify_folder import Models, Options, STAGES
-
-
-def fwd_bwd_ms(classifier, x, repeats=5) -> float:
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first is a warm-up
-        xi = x.detach().requires_grad_(True)
-        t0 = time.perf_counter()
-        torch.autograd.grad(classifier(xi).logsumexp(1).sum(), xi)
-        best = min(best, time.perf_counter() - t0)
-    return best / len(x) * 1e3
 
 
 def main() -> None:
@@ -34,9 +24,9 @@ def main() -> None:
     model = Models(Options(model="cifar10"), torch.device("cpu")).get("cifar10")  # as purify runs it
     f = model.purifier.classifier
     x = torch.rand(256, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    fp32 = fwd_bwd_ms(f, x)
+    fp32 = per_image_ms(f, x, repeats=5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = fwd_bwd_ms(f, x)
+        bf16 = per_image_ms(f, x, repeats=5)
     print(f"classifier forward+backward, batch 256, {torch.get_num_threads()} threads: "
           f"float32 {fp32:.3f} ms/image, bf16 autocast {bf16:.3f} ms/image ({fp32 / bf16:.2f}x)")
 

@@ -26,17 +26,9 @@ import argparse
 import torch
 
 from pssr import attacks, purifier
+from pssr.adapters import PssrModel
 from pssr.data import load_dataset
 from pssr.regeneration import compose
-
-
-class Defended(torch.nn.Module):
-    def __init__(self, p: purifier.Purifier):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return self.p.classifier(self.p(x, "bpda"))
 
 
 def main() -> None:
@@ -55,20 +47,20 @@ def main() -> None:
     data = load_dataset(args.dataset, args.data_root, "test").subset(args.n)
     x, y = data.images.float() / 255, data.labels
     spec = attacks.parse_attack(args.attack, args.dataset)
-    x_adv = attacks.run_attack(spec, Defended(p), x, y, seed=args.seed)
+    x_adv = attacks.run_attack(spec, PssrModel(p, gradient="bpda"), x, y, seed=args.seed)
     with torch.no_grad():
         right = {}
         for name, xx in (("clean", x), ("adversarial", x_adv)):
-            out = p.purify(xx)
-            g = p.regenerator(out.x_s, out.mask)
+            x_s, mask, _ = p.surgery(xx)
+            g = p.regenerator(x_s, mask)  # G's painting, once: the defense's output is compose(x_s, mask, g)
             right[f"{name}: undefended"] = f(xx).argmax(1) == y
-            right[f"{name}: defense"] = f(out.x_hat).argmax(1) == y
-            right[f"{name}: perfect G"] = f(compose(out.x_s, out.mask, x)).argmax(1) == y
-            right[f"{name}: G's painting"] = f(compose(x, out.mask, g)).argmax(1) == y
+            right[f"{name}: defense"] = f(compose(x_s, mask, g)).argmax(1) == y
+            right[f"{name}: perfect G"] = f(compose(x_s, mask, x)).argmax(1) == y
+            right[f"{name}: G's painting"] = f(compose(x, mask, g)).argmax(1) == y
             if name == "clean":
-                m_clean = out.mask
+                m_clean = mask
             else:
-                for label, (img, m) in {"G, mask only": (x, out.mask), "G, pixels only": (xx, m_clean)}.items():
+                for label, (img, m) in {"G, mask only": (x, mask), "G, pixels only": (xx, m_clean)}.items():
                     x_s = compose(img, m, torch.full_like(img, p.surgery.config.fill))
                     right[f"{name}: {label}"] = f(compose(x, m, p.regenerator(x_s, m))).argmax(1) == y
     print(f"{args.dataset}, first {args.n} test images, {spec.describe()} through PSSR ({path}), seed {args.seed}")
