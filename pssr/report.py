@@ -46,9 +46,28 @@ def _header(doc: dict) -> list[str]:
                            *c.get("expensive_defenses", [])])
     return [
         f"pssr eval · {k.get('arch')} classifier {k.get('path')} (weights sha256 {str(k.get('sha256'))[:12]})",
+        f"classifier: {training_label(k.get('extra') or {})}",
         f"data: {c.get('dataset')} test, first {n} images ({expensive}: first {m}) · seed {doc['seed']} · "
         f"torch {c.get('torch')}, {c.get('threads')} thread(s)",
     ]
+
+
+def training_label(extra: dict) -> str:
+    """How the classifier was trained and its clean test accuracy, from its checkpoint's record."""
+    t = extra.get("training") if isinstance(extra.get("training"), dict) else {}
+    method = t.get("method", "standard")
+    if method == "standard":
+        what = "standard training" if t else "standard training (its checkpoint records no adversarial training)"
+    else:
+        eps = t.get("eps")
+        eps_text = f"{eps * 255:.3g}/255" if isinstance(eps, (int, float)) and eps < 0.1 else f"{eps}"
+        steps = t.get("steps")
+        what = (f"robust: adversarially trained ({method}, {str(t.get('norm', 'linf')).replace('linf', 'L∞')} "
+                f"ε = {eps_text}" + (f", {steps} step(s)" if steps else "") + ")")
+    acc = extra.get("test_accuracy")
+    if isinstance(acc, (int, float)):
+        what += f"; clean test accuracy {acc:.2%} on {extra.get('test_images', '?')} images (its checkpoint)"
+    return what
 
 
 def _run_rows(doc: dict) -> list[tuple]:

@@ -18,7 +18,6 @@ CPU, nccl on GPU): each rank takes its share of every batch, rank 0 logs and che
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
@@ -37,7 +35,9 @@ from .adapters import PssrModel
 from .purifier import Purifier
 from .regeneration import Regenerator, RegeneratorSpec, compose
 from .surgery import PixelSurgery, SurgeryConfig
-from .training import Logger, TrainError, check_run_dir, defining, end_of_step, interrupted_mid_step, lr_at
+from .training import distributed_cleanup  # noqa: F401  (cli/train.py's name for it)
+from .training import (Dist, Logger, TrainError, check_run_dir, defining, end_of_step, init_distributed,
+                       interrupted_mid_step, lr_at)
 from .training import restore as _restore
 from .training import seeded_generator as _generator
 from .training import state_tensors as _state_tensors
@@ -168,44 +168,6 @@ def load_config(source: str, overrides=()) -> PurifierConfig:
 
 # --------------------------------------------------------------------------------------------
 # Distribution
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise.
-
-    ``device``: auto (CUDA when there is a GPU), cpu, or cuda (under torchrun: cuda:LOCAL_RANK).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA device here")
-    if world <= 1:
-        return Dist(device=torch.device(device if device.startswith("cuda") else "cuda") if use_cuda
-                    else torch.device("cpu"))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return Dist(rank, world, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,13 +495,3 @@ def _attack_cache(path: Path, train, f, surgery, attack, classifier_sha: str, da
               file=sys.stderr)
     dd.barrier()
     return cached
-
-
-@contextlib.contextmanager
-def distributed_cleanup():
-    """Tear the process group down however the run ends."""
-    try:
-        yield
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()

@@ -7,11 +7,15 @@ step budget for this invocation (`stop_after_steps`) or a Ctrl-C/SIGTERM (`pssr.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import atomic_write
@@ -132,3 +136,54 @@ def interrupted_mid_step(step: int, total: int) -> TrainError:
     """A second Ctrl-C, maybe mid-step: the last periodic checkpoint is the resume point."""
     return TrainError(f"interrupted during step {step + 1}/{total}; rerun with --resume to continue from "
                       f"the last checkpoint")
+
+
+# Distribution (torchrun): shared by both trainers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise.
+
+    ``device``: auto (CUDA when there is a GPU), cpu, or cuda (under torchrun: cuda:LOCAL_RANK).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA device here")
+    if world <= 1:
+        return Dist(device=torch.device(device if device.startswith("cuda") else "cuda") if use_cuda
+                    else torch.device("cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank, world, device)
+
+
+@contextlib.contextmanager
+def distributed_cleanup():
+    """Tear the process group down however the run ends."""
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
