@@ -1,8 +1,8 @@
 """Attack-in-the-loop training: the adversarial examples a trainer learns from, the loss it
 minimises on them, and the robust-accuracy watch that keeps the best state and stops a collapse.
 
-Shared by the trainers (today `train-classifier`; the purifier trainer can call the same
-functions). Every random draw comes from a generator the caller seeds from (seed, epoch, step,
+Shared by the trainers (today `train-classifier`; the purifier trainer can call `make` through
+the defense). The best-state watch and the collapse rule are `pssr.training.Watch`. Every random draw comes from a generator the caller seeds from (seed, epoch, step,
 rank), so a resumed run makes the same examples. The attacks are written here, not taken from
 torchattacks, because training needs those seeded generators, an ε that ramps up, and N-FGSM,
 which no library ships.
@@ -19,13 +19,14 @@ Methods (L∞ only):
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from . import losses
 
 METHODS = ("none", "pgd", "n-fgsm", "trades")
 
@@ -38,6 +39,7 @@ class AdversarialConfig:
     steps: int = 10  # pgd, trades
     step_size: float | None = None  # at full ε; default 2.5·ε/steps (pgd, trades), ε (n-fgsm)
     noise: float = 2.0  # n-fgsm: k of the U(-k·ε, k·ε) noise
+    attack_mode: Literal["train", "eval"] | None = None  # the model's mode while attacking; default: each paper's
     beta: float = 6.0  # trades: weight of the robustness (KL) term
     warmup_epochs: float = 0.0  # ε (and step size) ramp linearly from ~0 to full over this many epochs
     watch_every: int = 200  # steps between robust-accuracy checks (and at every epoch's end)
@@ -63,6 +65,11 @@ class AdversarialConfig:
     def enabled(self) -> bool:
         return self.method != "none"
 
+    @property
+    def mode(self) -> str:
+        """train for pgd and n-fgsm (their code attacks in train mode), eval for trades (its code does)."""
+        return self.attack_mode or ("eval" if self.method == "trades" else "train")
+
     def step_size_at(self, eps: float) -> float:
         """The step for the current ε (the configured step scales with a ramping ε)."""
         if self.step_size is not None:
@@ -75,8 +82,8 @@ class AdversarialConfig:
         """How a classifier was trained, for its checkpoint and the reports."""
         if not self.enabled:
             return {"method": "standard"}
-        out = {"method": self.method, "norm": self.norm, "eps": self.eps,
-               "step_size": self.step_size_at(self.eps), "warmup_epochs": self.warmup_epochs}
+        out = {"method": self.method, "norm": self.norm, "eps": self.eps, "step_size": self.step_size_at(self.eps),
+               "warmup_epochs": self.warmup_epochs, "attack_mode": self.mode}
         if self.method in ("pgd", "trades"):
             out["steps"] = self.steps
         if self.method == "n-fgsm":
@@ -133,33 +140,38 @@ def trades_attack(model, x, eps: float, step_size: float, steps: int, gen: torch
     return x_adv.detach()
 
 
-def training_loss(cfg: AdversarialConfig, model, attack_model, x, y, eps: float, gen: torch.Generator,
-                  label_smoothing: float = 0.0) -> torch.Tensor:
-    """The loss of one batch under ``cfg``'s method.
+def make(model, x: torch.Tensor, y: torch.Tensor, cfg: AdversarialConfig, eps: float,
+         gen: torch.Generator) -> torch.Tensor:
+    """The training examples of ``cfg``'s method at radius ``eps``, made on ``model`` in ``cfg.mode``.
 
-    ``model`` is what the loss is taken through (a DDP wrapper under torchrun); ``attack_model``
-    the bare module the examples are made on (no gradient sync for the attack's passes). PGD and
-    N-FGSM attack in train mode, as their papers' code does; TRADES in eval mode, as its code does.
+    ``model`` is the bare module (never a DDP wrapper: the attack's passes must not sync gradients).
+    Input gradients only (`torch.autograd.grad`), so no parameter's ``.grad`` is touched.
     """
     step = cfg.step_size_at(eps)
+    was = model.training
+    model.train(cfg.mode == "train")
+    try:
+        if cfg.method == "pgd":
+            return pgd(model, x, y, eps, step, cfg.steps, gen)
+        if cfg.method == "n-fgsm":
+            return n_fgsm(model, x, y, eps, step, cfg.noise, gen)
+        if cfg.method == "trades":
+            return trades_attack(model, x, eps, step, cfg.steps, gen)
+        raise ValueError(f"no training attack for method {cfg.method!r}")
+    finally:
+        model.train(was)
+
+
+def classifier_loss(model, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None, cfg: AdversarialConfig,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
+    """What the classifier minimises: CE on the clean batch (none), on the examples (pgd, n-fgsm), or
+    TRADES' CE(f(x)) + β·KL(f(x) ‖ f(x_adv)) from one forward of both."""
     if cfg.method == "none":
         return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-    if cfg.method == "pgd":
-        x_adv = pgd(attack_model, x, y, eps, step, cfg.steps, gen)
-        return F.cross_entropy(model(x_adv), y, label_smoothing=label_smoothing)
-    if cfg.method == "n-fgsm":
-        x_adv = n_fgsm(attack_model, x, y, eps, step, cfg.noise, gen)
-        return F.cross_entropy(model(x_adv), y, label_smoothing=label_smoothing)
-    was = attack_model.training
-    attack_model.eval()
-    try:
-        x_adv = trades_attack(attack_model, x, eps, step, cfg.steps, gen)
-    finally:
-        attack_model.train(was)
-    logits = model(torch.cat([x, x_adv]))
-    clean, adv = logits[: len(x)], logits[len(x):]
-    robust = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
-    return F.cross_entropy(clean, y, label_smoothing=label_smoothing) + cfg.beta * robust
+    if cfg.method == "trades":
+        logits = model(torch.cat([x, x_adv]))
+        return losses.trades(logits[: len(x)], logits[len(x):], y, cfg.beta, label_smoothing)
+    return F.cross_entropy(model(x_adv), y, label_smoothing=label_smoothing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,47 +198,3 @@ def watch(model, x: torch.Tensor, y: torch.Tensor, cfg: AdversarialConfig, gen: 
     finally:
         model.train(was)
     return clean, robust
-
-
-@dataclass
-class Watch:
-    """The best watched state so far and the collapse rule.
-
-    ``best_acc`` is -1 before the first check. The best weights are a CPU copy of the model's
-    state dict (buffers included) taken at the check that set ``best_acc``.
-    """
-
-    collapse_points: float
-    best_acc: float = -1.0
-    best_clean: float = -1.0
-    best_step: int = -1
-    best_state: dict | None = None
-
-    def update(self, model: torch.nn.Module, step: int, clean: float, robust: float) -> bool:
-        """Record a check; True when it is a collapse (robust accuracy fell by more than the limit)."""
-        if robust > self.best_acc:
-            self.best_acc, self.best_clean, self.best_step = robust, clean, step
-            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            return False
-        return self.best_acc >= 0 and 100 * (self.best_acc - robust) > self.collapse_points
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        if self.best_state is None:
-            return {}
-        return {f"best.{k}": v for k, v in self.best_state.items()}
-
-    def info(self) -> dict:
-        return {"best_acc": self.best_acc, "best_clean": self.best_clean, "best_step": self.best_step}
-
-    @classmethod
-    def restore(cls, collapse_points: float, tensors: dict[str, torch.Tensor], info: dict | None) -> "Watch":
-        w = cls(collapse_points)
-        if info:
-            w.best_acc, w.best_clean, w.best_step = info["best_acc"], info["best_clean"], info["best_step"]
-        best = {k[len("best."):]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
-        w.best_state = best or None
-        return w
-
-    def load_best_into(self, model: torch.nn.Module) -> None:
-        if self.best_state is not None:
-            model.load_state_dict(copy.deepcopy(self.best_state))

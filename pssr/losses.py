@@ -1,4 +1,5 @@
-"""The purifier's training losses (DESIGN.md §2.2), each a mean over the batch.
+"""The training losses (DESIGN.md §2.2 for the purifier; TRADES for the classifier), each a mean
+over the batch.
 
 Pixel consistency pulls the regenerated pixels towards the clean image; semantic consistency asks
 the frozen classifier to see the right class and the clean image's features; adversarial R-drop
@@ -38,3 +39,14 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
     kl_ab = F.kl_div(lb, la, log_target=True, reduction="batchmean")  # KL(p_a || p_b)
     kl_ba = F.kl_div(la, lb, log_target=True, reduction="batchmean")
     return 0.5 * (kl_ab + kl_ba)
+
+
+def trades(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,
+           label_smoothing: float = 0.0) -> torch.Tensor:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + β · KL(f(x) ‖ f(x_adv)), the KL a batch mean.
+
+    Accuracy on clean images and smoothness around them, traded by β; the clean distribution is
+    the KL's target and carries gradient too, as in the paper's code (trades.py).
+    """
+    robust = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+    return F.cross_entropy(logits_clean, y, label_smoothing=label_smoothing) + beta * robust

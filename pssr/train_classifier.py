@@ -16,7 +16,6 @@ and at the step boundary after Ctrl-C or SIGTERM (`pssr.interrupt`).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +24,19 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
-from tqdm import tqdm
 
 from . import adversarial, checkpoint, classifiers, config
 from .data import ImageDataset, load_dataset
-from .interrupt import GracefulStop
 from .training import distributed_cleanup  # noqa: F401  (cli/train_classifier.py's name for it)
-from .training import (Logger, TrainError, check_run_dir, defining, end_of_step, init_distributed, interrupted_mid_step,
-                       lr_at)
+from .training import (Cadence, Logger, Steps, TrainError, Watch, batch_at, init_distributed, loop, lr_at, open_run,
+                       optimizer_step, world_identity)
 from .training import restore as _restore
 from .training import seeded_generator as _generator
 from .training import state_tensors as _state_tensors
 
 STATE_KIND = "classifier-training-state"
+# seed streams: the numbers that name each kind of random draw (never renumbered: runs stay reproducible)
+AUGMENT, ATTACK, WATCH, HOLD_BACK = 1, 2, 7, 424_242
 
 
 @dataclass
@@ -47,6 +45,10 @@ class DataConfig:
     root: str | None = None  # default: --data-root, else $PSSR_DATA_ROOT
     train_limit: int | None = None  # first N training images (smoke tests, ablations)
     test_limit: int | None = None
+
+    def __post_init__(self):
+        config.check_limit(self.train_limit, "train_limit")
+        config.check_limit(self.test_limit, "test_limit")
 
 
 @dataclass
@@ -81,6 +83,9 @@ class TrainConfig:
             raise ValueError("warmup_fraction must be in [0, 1)")
         if self.lr <= 0 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("lr, checkpoint_every and log_every must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        config.check_seed(self.seed)
 
 
 @dataclass
@@ -141,7 +146,7 @@ def hold_back(data: ImageDataset, n: int, seed: int) -> tuple[ImageDataset, Imag
         return data, data.subset(0)
     if n >= len(data):
         raise TrainError(f"adversarial.watch_n={n} would hold back all {len(data)} training images")
-    perm = torch.randperm(len(data), generator=_generator(seed, 424_242))
+    perm = torch.randperm(len(data), generator=_generator(seed, HOLD_BACK))
     keep, held = perm[:-n].sort().values, perm[-n:].sort().values
 
     def part(idx):
@@ -158,152 +163,145 @@ def _build_spec(cfg: ClassifierConfig, train: ImageDataset) -> classifiers.Class
                                       arch_kwargs=kwargs)
 
 
-def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None, quiet: bool = False,
-        device: str = "auto") -> dict:
-    """Train; returns the final summary (test accuracy, watch, paths, time). Raises TrainError."""
-    dd = init_distributed(device)
-    out = Path(out_dir)
-    state_path, final_path, log_path = out / "state.safetensors", out / "classifier.safetensors", out / "log.jsonl"
-    resolved = config.to_dict(cfg)
-    check_run_dir(out, state_path, resume)
-
+def load_data(cfg: ClassifierConfig, data_root) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """(training images, images held back for the watch, test images)."""
     root = cfg.data.root or data_root or os.environ.get("PSSR_DATA_ROOT")
     if root is None:
         raise TrainError("no data root: pass --data-root, set data.root, or set PSSR_DATA_ROOT")
-    tc, ac = cfg.train, cfg.adversarial
+    ac = cfg.adversarial
     train, held = hold_back(load_dataset(cfg.data.dataset, root, "train").subset(cfg.data.train_limit),
-                            ac.watch_n if ac.enabled else 0, tc.seed)
+                            ac.watch_n if ac.enabled else 0, cfg.train.seed)
     test = load_dataset(cfg.data.dataset, root, "test").subset(cfg.data.test_limit)
     if test.image_shape != train.image_shape:
         raise TrainError(f"{cfg.data.dataset}: test images are {'x'.join(map(str, test.image_shape))}, "
                          f"training images {'x'.join(map(str, train.image_shape))}; they must match")
-    steps_per_epoch = len(train) // tc.batch_size
-    if steps_per_epoch < 1:
-        raise TrainError(f"{len(train)} training images is less than one batch of {tc.batch_size}")
-    if tc.batch_size % dd.world:
-        raise TrainError(f"batch_size {tc.batch_size} does not split over {dd.world} processes")
-    total = steps_per_epoch * tc.epochs
+    if len(train) < cfg.train.batch_size:
+        raise TrainError(f"{len(train)} training images is less than one batch of {cfg.train.batch_size}")
+    return train, held, test
 
-    spec = _build_spec(cfg, train)
-    torch.manual_seed(tc.seed)  # initial weights, the same on every rank
-    model = classifiers.build(spec).to(dd.device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True)
-    decay = [p for p in model.parameters() if p.ndim > 1]  # conv/linear weights; not BN or biases
-    watch = adversarial.Watch(ac.collapse_points)
 
-    step, seconds_before = 0, 0.0
-    if resume:
-        tensors, info = checkpoint.load(state_path, kind=STATE_KIND)
-        try:  # keys added since that run was started count with their defaults
-            started_with = config.to_dict(config.from_dict(ClassifierConfig, info["config"]))
-        except (config.ConfigError, TypeError, ValueError):
-            started_with = info["config"]
-        if defining(started_with, RUN_CONTROLS) != defining(resolved, RUN_CONTROLS):
-            raise TrainError(f"--resume: {out} was started with another config; use the same --set options")
-        if info.get("world", 1) != dd.world:
-            raise TrainError(f"--resume: {out} was started on {info.get('world', 1)} process(es), this is {dd.world}; "
-                             f"every random draw depends on the process count, so resume with the same")
-        _restore(model, optimizer, {k: v for k, v in tensors.items() if not k.startswith("best.")})
-        watch = adversarial.Watch.restore(ac.collapse_points, tensors, info.get("watch"))
-        step, seconds_before = int(info["step"]), float(info.get("seconds", 0.0))
-    trained = torch.nn.parallel.DistributedDataParallel(model) if dd.world > 1 else model
-    if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+class _Run(Steps):
+    """One classifier-training run: its data, model, optimizer and watch, and what a step does."""
 
-    started, run_steps = time.time(), 0
-    x_held = held.images[dd.rank :: dd.world].float().div_(255).to(dd.device)
-    y_held = held.labels[dd.rank :: dd.world].to(dd.device)
+    def __init__(self, cfg: ClassifierConfig, out: Path, resume: bool, data_root, device: str):
+        self.cfg, self.out, self.dd = cfg, out, init_distributed(device)
+        tc = cfg.train
+        self.train, self.held, self.test = load_data(cfg, data_root)
+        if tc.batch_size % self.dd.world:
+            raise TrainError(f"batch_size {tc.batch_size} does not split over {self.dd.world} processes")
+        self.cadence = Cadence(len(self.train) // tc.batch_size, tc.checkpoint_every, tc.log_every,
+                               tc.stop_after_steps)
+        self.total = self.cadence.steps_per_epoch * tc.epochs
+        self.resolved = config.to_dict(cfg)
+        self.spec = _build_spec(cfg, self.train)
+        torch.manual_seed(tc.seed)  # initial weights, the same on every rank
+        self.model = classifiers.build(self.spec).to(self.dd.device, memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True)
+        self.decay = [p for p in self.model.parameters() if p.ndim > 1]  # conv/linear weights; not BN or biases
+        self.watch = Watch(cfg.adversarial.collapse_points)
+        self.step, tensors, info = open_run(out, STATE_KIND, self.resolved, ClassifierConfig, RUN_CONTROLS, resume,
+                                            world_identity(self.dd.world), self.dd.main)
+        if resume:
+            _restore(self.model, self.optimizer, {k: v for k, v in tensors.items() if not k.startswith("best.")})
+            self.watch.restore(tensors, info.get("watch"))
+        self.seconds_before, self.started = float(info.get("seconds", 0.0)), time.time()
+        self.trained = torch.nn.parallel.DistributedDataParallel(self.model) if self.dd.world > 1 else self.model
+        self.x_held = self.held.images[self.dd.rank :: self.dd.world].float().div_(255).to(self.dd.device)
+        self.y_held = self.held.labels[self.dd.rank :: self.dd.world].to(self.dd.device)
+        self.collapsed_at: int | None = None
 
-    def save_state():
-        if dd.main:
-            checkpoint.save(state_path, {**_state_tensors(model, optimizer), **watch.tensors()},
-                            {"kind": STATE_KIND, "step": step, "config": resolved, "world": dd.world,
-                             "watch": watch.info(), "seconds": seconds_before + time.time() - started})
-        dd.barrier()
+    def one_step(self, step: int) -> dict:
+        tc, ac, dd = self.cfg.train, self.cfg.adversarial, self.dd
+        epoch, b, idx = batch_at(step, self.cadence.steps_per_epoch, len(self.train), tc.batch_size, tc.seed)
+        x = augment(self.train.images[idx].float().div_(255), tc.augment, _generator(tc.seed, epoch, b, AUGMENT))
+        x = x[dd.rank :: dd.world].to(dd.device).contiguous(memory_format=torch.channels_last)
+        y = self.train.labels[idx][dd.rank :: dd.world].to(dd.device)
+        eps = adversarial.eps_at(ac, step, self.cadence.steps_per_epoch)
+        x_adv = None
+        if ac.enabled:
+            x_adv = adversarial.make(self.model, x, y, ac, eps, _generator(tc.seed, epoch, b, dd.rank, ATTACK))
+        loss = adversarial.classifier_loss(self.trained, x, y, x_adv, ac, tc.label_smoothing)
+        lr = lr_at(step, self.total, tc)
+        optimizer_step(self.optimizer, loss, lr, decay=self.decay, weight_decay=tc.weight_decay)
+        return {"loss": loss.item(), "lr": lr, "eps": eps}
 
-    def check(epoch: int) -> bool:
-        """One watch: log it, keep the best state; True on a collapse."""
-        counts = torch.tensor(adversarial.watch(model, x_held, y_held, ac, _generator(tc.seed, 7, dd.rank)),
-                              dtype=torch.float64)
-        if dd.world > 1:
+    def after_step(self, step: int, epoch_end: bool, log) -> str | None:
+        epoch = (step - 1) // self.cadence.steps_per_epoch
+        if epoch_end and self.dd.main:
+            acc, test_loss = evaluate(self.model, self.test)
+            log({"step": step, "epoch": epoch, "test_acc": acc, "test_loss": test_loss},
+                f"epoch {epoch + 1}/{self.cfg.train.epochs}: test accuracy {acc:.2%} (loss {test_loss:.3f})")
+        ac = self.cfg.adversarial
+        if not len(self.held) or not (epoch_end or step % ac.watch_every == 0 or step == self.total):
+            return None
+        if not self.check(step, epoch, log):
+            return None
+        self.collapsed_at = step
+        log({"step": step, "collapse": True, "best_step": self.watch.best_step, "best_acc": self.watch.best_acc},
+            f"robust accuracy collapsed at step {step} (more than {ac.collapse_points:g} points below the best, "
+            f"{self.watch.best_acc:.2%} at step {self.watch.best_step}): ending on the best weights")
+        return "collapse"
+
+    def check(self, step: int, epoch: int, log) -> bool:
+        """One watch of the held-back images (each rank its share): log it, keep the best; True on a collapse."""
+        ac = self.cfg.adversarial
+        counts = adversarial.watch(self.model, self.x_held, self.y_held, ac, _generator(self.cfg.train.seed, WATCH,
+                                                                                       self.dd.rank))
+        counts = torch.tensor(counts, dtype=torch.float64)
+        if self.dd.world > 1:
             dist.all_reduce(counts)
-        clean, robust = (counts / len(held)).tolist()
-        collapsed = watch.update(model, step, clean, robust)
-        log({"step": step, "epoch": epoch, "watch_clean_acc": clean, "watch_pgd_acc": robust, "watch_n": len(held),
-             "eps": adversarial.eps_at(ac, step - 1, steps_per_epoch)},
+        clean, robust = (counts / len(self.held)).tolist()
+        collapsed = self.watch.update(self.model, step, clean, robust)
+        log({"step": step, "epoch": epoch, "watch_clean_acc": clean, "watch_pgd_acc": robust,
+             "watch_n": len(self.held), "eps": adversarial.eps_at(ac, step - 1, self.cadence.steps_per_epoch)},
             f"step {step}: watch clean {clean:.2%}, PGD-{ac.watch_steps} {robust:.2%} "
-            f"(best {watch.best_acc:.2%} at step {watch.best_step})")
+            f"(best {self.watch.best_acc:.2%} at step {self.watch.best_step})")
         return collapsed
 
-    collapsed_at = None
-    show = dd.main and not quiet and sys.stderr.isatty()
-    with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar, \
-            GracefulStop(dd.world) as stop:
-        log = Logger(log_path, bar, quiet, step if resume else None) if dd.main else (lambda *a, **k: None)
-        model.train()
-        try:
-            while step < total:
-                epoch, b = divmod(step, steps_per_epoch)
-                perm = torch.randperm(len(train), generator=_generator(tc.seed, epoch))
-                idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
-                x = train.images[idx].float().div_(255)
-                x = augment(x, tc.augment, _generator(tc.seed, epoch, b, 1))[dd.rank :: dd.world]
-                x = x.to(dd.device).contiguous(memory_format=torch.channels_last)
-                y = train.labels[idx][dd.rank :: dd.world].to(dd.device)
-                lr = lr_at(step, total, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                eps = adversarial.eps_at(ac, step, steps_per_epoch)
-                loss = adversarial.training_loss(ac, trained, model, x, y, eps, _generator(tc.seed, epoch, b, dd.rank, 2),
-                                                 tc.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    torch._foreach_add_([p.grad for p in decay], decay, alpha=tc.weight_decay)
-                optimizer.step()
-                step, run_steps = step + 1, run_steps + 1
-                bar.update()
-                if step % tc.log_every == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-                    log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "eps": eps})
-                epoch_end = step % steps_per_epoch == 0
-                if epoch_end and dd.main:
-                    acc, test_loss = evaluate(model, test)
-                    log({"step": step, "epoch": epoch, "test_acc": acc, "test_loss": test_loss},
-                        f"epoch {epoch + 1}/{tc.epochs}: test accuracy {acc:.2%} (loss {test_loss:.3f})")
-                if len(held) and (epoch_end or step % ac.watch_every == 0 or step == total) and check(epoch):
-                    collapsed_at = step
-                    log({"step": step, "collapse": True, "best_step": watch.best_step, "best_acc": watch.best_acc},
-                        f"robust accuracy collapsed at step {step} (more than {ac.collapse_points:g} points below "
-                        f"the best, {watch.best_acc:.2%} at step {watch.best_step}): ending on the best weights")
-                    break
-                due = epoch_end or step % tc.checkpoint_every == 0
-                stopped = end_of_step(save_state, due, stop, tc.stop_after_steps, run_steps, step, total, state_path)
-                if stopped:
-                    return stopped
-        except KeyboardInterrupt:
-            raise interrupted_mid_step(step, total) from None
+    def save_state(self, step: int) -> None:
+        if self.dd.main:
+            checkpoint.save(self.out / "state.safetensors",
+                            {**_state_tensors(self.model, self.optimizer), **self.watch.tensors()},
+                            {"kind": STATE_KIND, "step": step, "config": self.resolved, "world": self.dd.world,
+                             "watch": self.watch.info(), "seconds": self.seconds()})
+        self.dd.barrier()
 
-    if watch.best_state is not None:
-        watch.load_best_into(model)
-    seconds = seconds_before + time.time() - started
-    if not dd.main:
-        dd.barrier()
-        return {}
-    acc, test_loss = evaluate(model, test)
-    record = ac.record()
-    if len(held):
-        record.update(watch={"n": len(held), "pgd_steps": ac.watch_steps, "best_pgd_acc": watch.best_acc,
-                             "best_clean_acc": watch.best_clean, "best_step": watch.best_step},
-                      weights="best watched", collapsed_at_step=collapsed_at)
-    spec.extra = {"test_accuracy": acc, "test_images": len(test), "train_images": len(train),
-                  "epochs": tc.epochs, "steps": total, "seed": tc.seed, "train_seconds": round(seconds, 1),
-                  "processes": dd.world, "training": record}
-    model = model.to("cpu", memory_format=torch.contiguous_format)
-    classifiers.save(final_path, model, spec)
-    summary = {"test_accuracy": acc, "test_loss": test_loss, "test_images": len(test), "checkpoint": str(final_path),
-               "seconds": seconds, "steps": total, "training": record}
-    log({"final": True, **summary})
-    dd.barrier()
-    return summary
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.started
+
+    def finish(self) -> dict:
+        """The final checkpoint (the best watched weights, when watched) and the summary."""
+        self.watch.load_best_into(self.model)
+        if not self.dd.main:
+            self.dd.barrier()
+            return {}
+        acc, test_loss = evaluate(self.model, self.test)
+        tc, record = self.cfg.train, self.cfg.adversarial.record()
+        if len(self.held):
+            record.update(watch={"n": len(self.held), "pgd_steps": self.cfg.adversarial.watch_steps,
+                                 "best_pgd_acc": self.watch.best_acc, "best_clean_acc": self.watch.best_clean,
+                                 "best_step": self.watch.best_step},
+                          weights="best watched", collapsed_at_step=self.collapsed_at)
+        self.spec.extra = {"test_accuracy": acc, "test_images": len(self.test), "train_images": len(self.train),
+                           "epochs": tc.epochs, "steps": self.total, "seed": tc.seed,
+                           "train_seconds": round(self.seconds(), 1), "processes": self.dd.world, "training": record}
+        final = self.out / "classifier.safetensors"
+        classifiers.save(final, self.model.to("cpu", memory_format=torch.contiguous_format), self.spec)
+        summary = {"test_accuracy": acc, "test_loss": test_loss, "test_images": len(self.test),
+                   "checkpoint": str(final), "seconds": self.seconds(), "steps": self.total, "training": record}
+        Logger(self.out / "log.jsonl", None, True)({"final": True, **summary})
+        self.dd.barrier()
+        return summary
+
+
+def run(cfg: ClassifierConfig, out_dir, *, resume: bool = False, data_root=None, quiet: bool = False,
+        device: str = "auto") -> dict:
+    """Train; returns the final summary (test accuracy, training record, paths, time). Raises TrainError."""
+    out = Path(out_dir)
+    r = _Run(cfg, out, resume, data_root, device)
+    r.model.train()
+    step, stopped = loop(r, r.step, r.total, r.cadence, log_path=out / "log.jsonl", state_path=out / "state.safetensors",
+                         dd=r.dd, quiet=quiet, resumed=resume)
+    if stopped and "ended" not in stopped:
+        return stopped
+    return r.finish()

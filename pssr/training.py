@@ -1,5 +1,6 @@
 """What both trainers (`train-classifier`, `train`) share: seeds, the schedule, the run folder,
-the JSONL log, the resume state and the rules for stopping early.
+the loop frame (progress bar, JSONL log, checkpoints), the resume state, the best-state watch,
+torchrun distribution and the rules for stopping early.
 
 A run stops early in two ways, both at a step boundary so that the saved state is exact: its
 step budget for this invocation (`stop_after_steps`) or a Ctrl-C/SIGTERM (`pssr.interrupt`).
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from tqdm import tqdm
 
+from . import checkpoint, config
 from .checkpoint import atomic_write
 from .interrupt import GracefulStop
 
@@ -71,6 +74,166 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: d
             _, i, key = k.split(".", 2)
             state.setdefault(int(i), {})[key] = v.clone()
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def open_run(out: Path, kind: str, resolved: dict, config_cls, run_controls: tuple[str, ...], resume: bool,
+             identity: dict, main: bool = True) -> tuple[int, dict, dict]:
+    """The run folder, and on ``--resume`` its saved (step, tensors, info).
+
+    A resume is refused when the saved config (keys added since count with their defaults) or an
+    ``identity`` entry (``{key: (value, what_differs)}``, e.g. the process count) differs from this
+    run's: the same state with other settings would not continue the same run.
+    """
+    state_path = out / "state.safetensors"
+    check_run_dir(out, state_path, resume)
+    step, tensors, info = 0, {}, {}
+    if resume:
+        tensors, info = checkpoint.load(state_path, kind=kind)
+        try:
+            started_with = config.to_dict(config.from_dict(config_cls, info["config"]))
+        except (config.ConfigError, TypeError, ValueError):
+            started_with = info["config"]
+        if defining(started_with, run_controls) != defining(resolved, run_controls):
+            raise TrainError(f"--resume: {out} was started with another config; use the same --set options")
+        for key, (value, message) in identity.items():
+            if info.get(key, 1 if key == "world" else None) != value:
+                raise TrainError(f"--resume: {out} {message(info.get(key))}")
+        step = int(info["step"])
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return step, tensors, info
+
+
+def world_identity(world: int) -> dict:
+    """The ``identity`` entry that pins a run to its process count."""
+    return {"world": (world, lambda saved: f"was started on {saved} process(es), this is {world}; every random draw "
+                                           f"depends on the process count, so resume with the same")}
+
+
+def batch_at(step: int, steps_per_epoch: int, n: int, batch_size: int, seed: int) -> tuple[int, int, torch.Tensor]:
+    """(epoch, batch in epoch, image indices) of ``step``: the one seeded shuffle per epoch."""
+    epoch, b = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=seeded_generator(seed, epoch))
+    return epoch, b, perm[b * batch_size : (b + 1) * batch_size]
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, *, decay=(),
+                   weight_decay: float = 0.0, clip: float = 0.0) -> None:
+    """Set the learning rate, backward, decoupled-from-BN weight decay on ``decay``, clip, step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if weight_decay and decay:
+        with torch.no_grad():
+            torch._foreach_add_([p.grad for p in decay], list(decay), alpha=weight_decay)
+    if clip:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
+@dataclass
+class Cadence:
+    """When a loop logs, checkpoints and stops on its budget (all in steps)."""
+
+    steps_per_epoch: int
+    checkpoint_every: int
+    log_every: int
+    stop_after_steps: int | None = None
+
+
+class Steps:
+    """What a trainer gives `loop`: one step, the checks after it, and its resume state."""
+
+    def one_step(self, step: int) -> dict:  # numbers to log (loss, lr, ...)
+        raise NotImplementedError
+
+    def after_step(self, step: int, epoch_end: bool, log) -> str | None:  # a reason to end the run now
+        return None
+
+    def save_state(self, step: int) -> None:
+        raise NotImplementedError
+
+
+def loop(steps: Steps, step: int, total: int, cadence: Cadence, *, log_path: Path, state_path: Path, dd: "Dist",
+         quiet: bool, resumed: bool) -> tuple[int, dict | None]:
+    """Run steps [step, total) with one progress bar, the JSONL log and the stop rules.
+
+    Returns (the step reached, a summary when the run stopped early: the budget's, or an
+    ``after_step`` reason as ``{"ended": reason}``). Ctrl-C/SIGTERM raise ``interrupted`` once
+    the state of a finished step is saved; a second Ctrl-C mid-step raises at once.
+    """
+    show = dd.main and not quiet and sys.stderr.isatty()
+    run_steps = 0
+    with tqdm(total=total, initial=step, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True) as bar, \
+            GracefulStop(dd.world) as stop:
+        log = Logger(log_path, bar, quiet, step if resumed else None) if dd.main else _silent
+        try:
+            while step < total:
+                record = steps.one_step(step)
+                epoch = step // cadence.steps_per_epoch
+                step, run_steps = step + 1, run_steps + 1
+                bar.update()
+                if step % cadence.log_every == 0:
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "lr")})
+                    log({"step": step, "epoch": epoch, **record})
+                epoch_end = step % cadence.steps_per_epoch == 0
+                reason = steps.after_step(step, epoch_end, log)
+                if reason:
+                    return step, {"ended": reason}
+                due = epoch_end or step % cadence.checkpoint_every == 0
+                stopped = end_of_step(lambda: steps.save_state(step), due, stop, cadence.stop_after_steps, run_steps,
+                                      step, total, state_path)
+                if stopped:
+                    return step, stopped
+        except KeyboardInterrupt:
+            raise interrupted_mid_step(step, total) from None
+    return step, None
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+class Watch:
+    """The best watched state of a run so far, and the collapse rule.
+
+    ``update`` takes each check's (clean, robust) accuracy; the best robust accuracy's weights are
+    kept as a CPU copy of the state dict (buffers included) and travel in the resume state under
+    ``best.``. A check more than ``collapse_points`` below the best is a collapse.
+    """
+
+    def __init__(self, collapse_points: float):
+        self.collapse_points = collapse_points
+        self.best_acc = self.best_clean = -1.0
+        self.best_step = -1
+        self.best_state: dict | None = None
+
+    def update(self, model: torch.nn.Module, step: int, clean: float, robust: float) -> bool:
+        """Record a check; True when it is a collapse."""
+        if robust > self.best_acc:
+            self.best_acc, self.best_clean, self.best_step = robust, clean, step
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return False
+        return 100 * (self.best_acc - robust) > self.collapse_points
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"best.{k}": v for k, v in (self.best_state or {}).items()}
+
+    def info(self) -> dict:
+        return {"best_acc": self.best_acc, "best_clean": self.best_clean, "best_step": self.best_step}
+
+    def restore(self, tensors: dict[str, torch.Tensor], info: dict | None) -> None:
+        if info:
+            self.best_acc, self.best_clean, self.best_step = info["best_acc"], info["best_clean"], info["best_step"]
+        best = {k[len("best."):]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
+        self.best_state = best or None
+
+    def load_best_into(self, model: torch.nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict({k: v.clone() for k, v in self.best_state.items()})
 
 
 class Logger:
