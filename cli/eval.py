@@ -13,7 +13,7 @@ from pssr.defenses import DefenseError
 @click.option("--classifier", "classifier_path", required=True, type=click.Path(), metavar="PATH",
               help="Classifier checkpoint (.safetensors, from pssr train-classifier or "
                    "pssr.classifiers.export); its data set picks the attack presets (mnist: MNIST's, anything "
-                   "else: CIFAR-10's). A checkpoint of your own architecture imports its module: trust it.")
+                   "else: CIFAR-10's). A checkpoint of your own architecture needs --trust-arch.")
 @click.option("--dataset", default=None, help="Test data set (mnist, cifar10, cifar100, or folder:PATH, an image "
               "folder whose test/ split is used). Default: the checkpoint's.")
 @click.option("--data-root", type=click.Path(), envvar="PSSR_DATA_ROOT",
@@ -54,9 +54,14 @@ from pssr.defenses import DefenseError
 @click.option("--state", "state_path", type=click.Path(), default=None, metavar="FILE",
               help="Resume file: each finished run is saved there (atomically); rerunning the same command "
                    "skips those runs and gives the same report (total seconds aside). Refused if the options differ.")
+@click.option("--trust-arch", is_flag=True,
+              help="Allow a classifier checkpoint that names its own architecture (package.module:factory) to import "
+                   "that module and run that factory: it runs whatever code the file names, so pass it only for "
+                   "checkpoints you trust. The zoo (lenet, resnet9, resnet18) needs no flag.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
 def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats, limit, limit_expensive, eot,
-                 seed, batch_size, fold_batchnorm, json_path, markdown_path, plot_path, examples_path, eps_curve_path, state_path, quiet):
+                 seed, batch_size, fold_batchnorm, json_path, markdown_path, plot_path, examples_path, eps_curve_path, state_path,
+                 trust_arch, quiet):
     """Clean and robust accuracy of a classifier behind each defense, under each attack and threat model.
 
     \b
@@ -89,7 +94,7 @@ def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats
     try:
         result = evaluate.run(config, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
                               state_path=state_path, examples_path=examples_path, eps_curve_path=eps_curve_path,
-                              quiet=quiet)
+                              quiet=quiet, trust_arch=trust_arch)
     except (evaluate.EvalError, AttackError, DefenseError, DataError, CheckpointError) as exc:
         raise click.ClickException(" ".join(str(exc).split())) from None
     except KeyboardInterrupt:

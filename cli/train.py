@@ -21,8 +21,12 @@ from pssr.data import DataError, short_name
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out exactly where it stopped.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when there is a GPU), cpu or cuda; under torchrun cuda means cuda:LOCAL_RANK.")
+@click.option("--trust-arch", is_flag=True,
+              help="Allow a classifier checkpoint that names its own architecture (package.module:factory) to import "
+                   "that module and run that factory: it runs whatever code the file names, so pass it only for "
+                   "checkpoints you trust. The zoo (lenet, resnet9, resnet18) needs no flag.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or check lines (the JSONL log is still written).")
-def train_command(config_source, overrides, out_dir, data_root, resume, device, quiet):
+def train_command(config_source, overrides, out_dir, data_root, resume, device, trust_arch, quiet):
     """Train a PSSR purifier for a frozen classifier from CONFIG: a preset (mnist, cifar10, mnist-adaptive) or a YAML file.
 
     Adversarial examples are made against the undefended classifier with the training attack
@@ -37,7 +41,7 @@ def train_command(config_source, overrides, out_dir, data_root, resume, device, 
     On several processes or machines (each takes its share of every batch):
       torchrun --nproc_per_node 2 -m pssr_cli.main train mnist --out runs/p
     The classifier itself comes from `pssr train-classifier`, or is your own
-    (pssr.classifiers.export; see docs/guide.md): --set classifier=PATH.
+    (pssr.classifiers.export; see docs/guide.md): --set classifier=PATH --trust-arch.
 
     \b
     Data (data.dataset, default the classifier's): mnist, cifar10, cifar100,
@@ -52,7 +56,7 @@ def train_command(config_source, overrides, out_dir, data_root, resume, device, 
             dataset = cfg.data.dataset or ("mnist" if "mnist" in cfg.classifier.lower() else "cifar10")
             out_dir = out_dir or f"runs/purifier-{short_name(dataset)}"
             summary = train_purifier.run(cfg, out_dir, resume=resume, data_root=data_root, quiet=quiet,
-                                            device=device)
+                                            device=device, trust_arch=trust_arch)
     except (config.ConfigError, train_purifier.TrainError, DataError, CheckpointError, AttackError) as exc:
         raise click.ClickException(str(exc)) from None
     if int(os.environ.get("RANK", "0")) != 0:

@@ -81,14 +81,17 @@ def defended_model(classifier: nn.Module, purifier: Purifier, gradient: str = "b
     return PssrModel(purifier, gradient).eval()
 
 
-def load_defended_model(purifier_path, classifier_path=None, *, gradient: str = "bpda", device="cpu") -> PssrModel:
+def load_defended_model(purifier_path, classifier_path=None, *, gradient: str = "bpda", device="cpu",
+                        trust_arch: bool = False) -> PssrModel:
     """The defended model from checkpoints, in eval mode with frozen weights.
 
     ``classifier_path`` defaults to the classifier the purifier records (next to it, or shipped);
-    a classifier the purifier was not trained for is refused (``pssr.checkpoint.CheckpointError``).
+    a classifier the purifier was not trained for is refused (``pssr.checkpoint.CheckpointError``),
+    before it is built. A classifier of your own architecture (``package.module:factory``) is
+    imported and built only with ``trust_arch=True``: a checkpoint could name any code.
     """
     rule = _rule(gradient)
-    purifier, spec, cspec = load(Path(purifier_path), classifier_path, device)
+    purifier, spec, cspec = load(Path(purifier_path), classifier_path, device, trust_arch=trust_arch)
     model = PssrModel(purifier, rule).eval()
     model.purifier_spec, model.classifier_spec = spec, cspec
     return model
@@ -97,40 +100,53 @@ def load_defended_model(purifier_path, classifier_path=None, *, gradient: str = 
 # --------------------------------------------------------------------------------------------
 # IBM ART
 
-try:
-    from art.defences.preprocessor.preprocessor import PreprocessorPyTorch as _ArtBase
-except ImportError:  # pragma: no cover - ART is a dependency; keep the torch API usable without it
-    _ArtBase = object
+def _art_purifier_class() -> type:
+    """``ArtPurifier``, defined on first use: importing IBM ART takes seconds (scipy.stats and all of
+    ART's attacks), so ``import pssr.adapters`` (and every ``pssr`` command) does not pay for it."""
+    cls = globals().get("ArtPurifier")
+    if cls is not None:
+        return cls
+    try:
+        from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
+    except ImportError:  # pragma: no cover - ART is a dependency; keep the torch API usable without it
+        raise ImportError("ArtPurifier needs IBM ART: pip install adversarial-robustness-toolbox") from None
+
+    class ArtPurifier(PreprocessorPyTorch):
+        """The purifier as an ART ``PreprocessorPyTorch``: ``forward(x, y) -> (purifier(x), y)``.
+
+        ART chains PyTorch preprocessors on tensors and differentiates them with autograd, so the
+        gradient an ART attack gets is the one of the selected rule (``bpda`` by default) — not ART's
+        usual identity for preprocessors. The classifier of the ``PyTorchClassifier`` must be the
+        purifier's own, with ``preprocessing=None`` (or the identity ``(0, 1)``): it normalises inside.
+        Runs where the purifier's weights are. Applied at prediction time only, by default.
+        """
+
+        params = ["gradient"]
+
+        def __init__(self, purifier: Purifier, gradient: str = "bpda", *, apply_fit: bool = False,
+                     apply_predict: bool = True):
+            device = _device(purifier)
+            super().__init__(device_type="cpu" if device.type == "cpu" else "gpu", is_fitted=True,
+                             apply_fit=apply_fit, apply_predict=apply_predict)
+            self._device = device
+            self.purifier = purifier.eval()
+            self.gradient = _rule(gradient)
+
+        def forward(self, x: torch.Tensor, y=None):
+            return self.purifier(x, self.gradient), y
+
+        def _check_params(self) -> None:
+            self.gradient = _rule(self.gradient)
+
+    ArtPurifier.__module__, ArtPurifier.__qualname__ = __name__, "ArtPurifier"  # pickles as pssr.adapters.ArtPurifier
+    globals()["ArtPurifier"] = ArtPurifier
+    return ArtPurifier
 
 
-class ArtPurifier(_ArtBase):
-    """The purifier as an ART ``PreprocessorPyTorch``: ``forward(x, y) -> (purifier(x), y)``.
-
-    ART chains PyTorch preprocessors on tensors and differentiates them with autograd, so the
-    gradient an ART attack gets is the one of the selected rule (``bpda`` by default) — not ART's
-    usual identity for preprocessors. The classifier of the ``PyTorchClassifier`` must be the
-    purifier's own, with ``preprocessing=None`` (or the identity ``(0, 1)``): it normalises inside.
-    Runs where the purifier's weights are. Applied at prediction time only, by default.
-    """
-
-    params = ["gradient"]
-
-    def __init__(self, purifier: Purifier, gradient: str = "bpda", *, apply_fit: bool = False,
-                 apply_predict: bool = True):
-        if _ArtBase is object:  # pragma: no cover
-            raise ImportError("ArtPurifier needs IBM ART: pip install adversarial-robustness-toolbox")
-        device = _device(purifier)
-        super().__init__(device_type="cpu" if device.type == "cpu" else "gpu", is_fitted=True,
-                         apply_fit=apply_fit, apply_predict=apply_predict)
-        self._device = device
-        self.purifier = purifier.eval()
-        self.gradient = _rule(gradient)
-
-    def forward(self, x: torch.Tensor, y=None):
-        return self.purifier(x, self.gradient), y
-
-    def _check_params(self) -> None:
-        self.gradient = _rule(self.gradient)
+def __getattr__(name: str):
+    if name == "ArtPurifier":  # `pssr.ArtPurifier`, `from pssr.adapters import ArtPurifier`
+        return _art_purifier_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def art_classifier(model: PssrModel, *, input_shape=None, nb_classes: int | None = None, **kwargs):
@@ -154,4 +170,5 @@ def art_classifier(model: PssrModel, *, input_shape=None, nb_classes: int | None
                    device_type="cpu" if device.type == "cpu" else "gpu")
     options.update(kwargs)
     return PyTorchClassifier(model=model.classifier, input_shape=tuple(input_shape), nb_classes=int(nb_classes),
-                             preprocessing_defences=[ArtPurifier(model.purifier, model.gradient)], **options)
+                             preprocessing_defences=[_art_purifier_class()(model.purifier, model.gradient)],
+                             **options)

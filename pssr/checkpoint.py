@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -87,9 +88,66 @@ def load(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, to
         info = json.loads(meta["pssr"])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: unreadable pssr metadata ({exc})") from None
+    except RecursionError:  # a crafted document nested thousands deep
+        raise CheckpointError(f"{path}: unreadable pssr metadata (nested too deep)") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: pssr metadata is a JSON {type(info).__name__}, not an object")
     if kind is not None and info.get("kind") != kind:
-        raise CheckpointError(f"{path}: a {info.get('kind')!r} checkpoint, expected {kind!r}")
+        raise CheckpointError(f"{path}: a {shown(info.get('kind'))} checkpoint, expected {kind!r}")
     return tensors, info
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata is data from whoever wrote the file: check each value before it sizes anything.
+
+
+def shown(value, limit: int = 60) -> str:
+    """A metadata value as one short line (JSON escapes newlines), for error messages."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def integer(value, what: str, low: int, high: int) -> int:
+    """``value`` if it is a JSON integer in [low, high] (not a float, not a bool), else ValueError."""
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer from {low} to {high}, not {shown(value)}")
+    return value
+
+
+def number(value, what: str) -> float:
+    """``value`` as a float if it is a finite JSON number (not a bool), else ValueError."""
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, not {shown(value)}")
+    return float(value)
+
+
+def text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, not {shown(value)}")
+    return value
+
+
+def mapping(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, not {shown(value)}")
+    return value
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path) -> None:
+    """Refuse NaN/Inf weights: a NaN classifier answers class 0 for every image, and says ok."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        try:
+            finite = bool(torch.isfinite(t).all())
+        except RuntimeError:  # dtypes without isfinite (float8)
+            finite = bool(torch.isfinite(t.float()).all())
+        if not finite:
+            raise CheckpointError(f"{path}: non-finite weights (NaN or Inf) in {name}; refusing to load them")
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -6,8 +6,12 @@ activations, which the purifier's semantic loss compares) and ``head(features)``
 A classifier checkpoint stores the architecture spec in its metadata: loading needs nothing else.
 
 An architecture is a zoo name (``lenet``, ``resnet9``, ``resnet18``) or your own, named
-``package.module:factory`` (see :func:`export` and ``pssr.user_arch``). Loading such a checkpoint
-imports that module: load only checkpoints you trust, as with any model code.
+``package.module:factory`` (see :func:`export` and ``pssr.user_arch``). A checkpoint is data:
+loading one that names its own architecture would import that module and run that factory, so
+it is refused unless the caller opts in for that load (``trust_arch=True``; the CLI's
+``--trust-arch``), as with Hugging Face's ``trust_remote_code``. The zoo needs no opt-in. Its
+metadata is checked (types, bounds) and its weights fitted to the architecture on the meta
+device before anything is allocated at the size the metadata asks for.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .errors import first_line
 from .user_arch import ArchitectureError, ModuleClassifier, is_user_arch, make_module
 
 KIND = "classifier"
@@ -125,6 +130,21 @@ def resnet18(in_channels: int, num_classes: int, image_size: int) -> tuple[nn.Mo
 
 ARCHITECTURES = {"lenet": lenet, "resnet9": resnet9, "resnet18": resnet18}
 
+# What a checkpoint's metadata may ask for (checked at load, before anything is built): a crafted
+# resnet9 of width 512 took 2 GB before any other check. Beyond them, the architecture is first
+# built on the meta device and its shapes compared with the stored weights, so nothing larger than
+# the file itself is allocated.
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 16
+MAX_IMAGE_SIZE = 2048
+MAX_IMAGE_VALUES = 3 * 2048 * 2048  # channels × size², so a probe batch stays small
+ZOO_KWARGS = {"lenet": {}, "resnet9": {"width": (1, 256)}, "resnet18": {}}  # name: (min, max)
+ZOO_MIN_IMAGE_SIZE = {"lenet": 4, "resnet9": 8, "resnet18": 1}  # below: pooled to nothing
+
+
+class UntrustedArchitecture(checkpoint.CheckpointError):
+    """A checkpoint naming code to import and run, loaded without ``trust_arch`` (one line)."""
+
 
 @dataclass
 class ClassifierSpec:
@@ -163,7 +183,15 @@ def build(spec: ClassifierSpec) -> Classifier | ModuleClassifier:
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], arch: str) -> None:
     """``model.load_state_dict`` with one line naming what does not fit (torch's spans many)."""
-    want = model.state_dict()
+    problems = fit_problems(model.state_dict(), tensors)
+    if problems:
+        raise ArchitectureError(f"the weights do not fit architecture {arch!r}: {'; '.join(problems)}")
+    model.load_state_dict(tensors)
+
+
+def fit_problems(want: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``tensors`` from loading into a state dict like ``want`` (shapes only: ``want``
+    may live on the meta device), as short phrases."""
     missing = sorted(set(want) - set(tensors))
     unexpected = sorted(set(tensors) - set(want))
     shapes = [k for k in sorted(set(want) & set(tensors)) if tuple(want[k].shape) != tuple(tensors[k].shape)]
@@ -180,9 +208,7 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], arch: str) 
         k = shapes[0]
         problems.append(f"{k} is {tuple(tensors[k].shape)} in the weights, {tuple(want[k].shape)} in the architecture"
                         + (f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""))
-    if problems:
-        raise ArchitectureError(f"the weights do not fit architecture {arch!r}: {'; '.join(problems)}")
-    model.load_state_dict(tensors)
+    return problems
 
 
 def save(path, model: Classifier, spec: ClassifierSpec) -> None:
@@ -195,24 +221,104 @@ def save(path, model: Classifier, spec: ClassifierSpec) -> None:
     checkpoint.save(path, state, info)
 
 
-def load(path, device: str | torch.device = "cpu") -> tuple[Classifier | ModuleClassifier, ClassifierSpec]:
-    """A frozen (eval-mode) classifier and its spec, from a checkpoint written by `save` or `export`.
+def spec_from_metadata(raw) -> ClassifierSpec:
+    """The spec a checkpoint's metadata holds, every value type- and bound-checked (ValueError):
+    metadata is whatever the file's writer put there, and it sizes what loading allocates."""
+    raw = checkpoint.mapping(raw, "the spec")
+    fields = {f.name for f in dataclasses.fields(ClassifierSpec)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"unknown spec keys {checkpoint.shown(unknown)}")
+    for key in ("arch", "num_classes", "in_channels", "image_size", "mean", "std"):
+        if key not in raw:
+            raise ValueError(f"the spec has no {key!r}")
+    arch = checkpoint.text(raw["arch"], "arch")
+    num_classes = checkpoint.integer(raw["num_classes"], "num_classes", 1, MAX_CLASSES)
+    channels = checkpoint.integer(raw["in_channels"], "in_channels", 1, MAX_CHANNELS)
+    size = checkpoint.integer(raw["image_size"], "image_size", ZOO_MIN_IMAGE_SIZE.get(arch, 1), MAX_IMAGE_SIZE)
+    if channels * size * size > MAX_IMAGE_VALUES:
+        raise ValueError(f"{channels}x{size}x{size} images exceed the bound of {MAX_IMAGE_VALUES} values")
+    stats = {}
+    for key in ("mean", "std"):
+        values = raw[key]
+        if not isinstance(values, list) or len(values) != channels:
+            raise ValueError(f"{key} must be a list of {channels} numbers (one per channel), not {checkpoint.shown(values)}")
+        stats[key] = tuple(checkpoint.number(v, key) for v in values)
+    if not all(s > 0 for s in stats["std"]):
+        raise ValueError(f"std must be positive, not {checkpoint.shown(list(stats['std']))}")
+    classes = raw.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"classes must be a list of names, not {checkpoint.shown(classes)}")
+    if classes and len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for {num_classes} classes")
+    kwargs = checkpoint.mapping(raw.get("arch_kwargs", {}), "arch_kwargs")
+    if arch in ZOO_KWARGS:
+        allowed = ZOO_KWARGS[arch]
+        for key, value in kwargs.items():
+            if key not in allowed:
+                raise ValueError(f"{arch} takes arch_kwargs {', '.join(allowed) or 'none'}, not {checkpoint.shown(key)}")
+            checkpoint.integer(value, f"{arch} {key}", *allowed[key])
+    return ClassifierSpec(arch, num_classes, channels, size, stats["mean"], stats["std"],
+                          checkpoint.text(raw.get("dataset", ""), "dataset"), tuple(classes),
+                          dict(checkpoint.mapping(raw.get("extra", {}), "extra")), dict(kwargs))
 
-    For a user architecture (``package.module:factory``) this imports that module.
-    """
+
+def read(path) -> tuple[dict[str, torch.Tensor], ClassifierSpec]:
+    """The weights and spec of a classifier checkpoint, checked as data (bounds, finite weights):
+    nothing is built or imported, so a purifier can compare digests first."""
     tensors, info = checkpoint.load(path, kind=KIND)
     try:
-        raw = dict(info["spec"])
-        raw["mean"], raw["std"], raw["classes"] = tuple(raw["mean"]), tuple(raw["std"]), tuple(raw.get("classes", ()))
-        spec = ClassifierSpec(**raw)
+        spec = spec_from_metadata(info.get("spec"))
+    except (TypeError, ValueError) as exc:
+        raise checkpoint.CheckpointError(f"{path}: does not hold a usable classifier spec ({exc})") from None
+    checkpoint.check_finite(tensors, path)
+    return tensors, spec
+
+
+def untrusted_message(path, spec: ClassifierSpec) -> str:
+    """One line: what the file names, that it was not run, and how to opt in."""
+    module = spec.arch.partition(":")[0]
+    return (f"{path}: names the architecture {spec.arch!r} with arch_kwargs {checkpoint.shown(spec.arch_kwargs, 100)}: "
+            f"loading it would import {module} and run that code, so it is refused. If you trust this file, "
+            "pass --trust-arch (Python: trust_arch=True)")
+
+
+def from_weights(tensors: dict[str, torch.Tensor], spec: ClassifierSpec, path, device: str | torch.device = "cpu", *,
+                 trust_arch: bool = False) -> Classifier | ModuleClassifier:
+    """The frozen classifier of ``spec`` with ``tensors`` loaded (see :func:`read`).
+
+    A user architecture is imported and called only with ``trust_arch``; a zoo one is first built
+    on the meta device to check the weights' shapes, so the spec cannot make it allocate more
+    than the file holds.
+    """
+    if is_user_arch(spec.arch) and not trust_arch:
+        raise UntrustedArchitecture(untrusted_message(path, spec))
+    try:
+        if not is_user_arch(spec.arch):
+            with torch.device("meta"):
+                problems = fit_problems(build(spec).state_dict(), tensors)
+            if problems:
+                raise ArchitectureError(f"the weights do not fit architecture {spec.arch!r}: {'; '.join(problems)}")
         model = build(spec)
         load_weights(model, tensors, spec.arch)
     except ArchitectureError as exc:
         raise checkpoint.CheckpointError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise checkpoint.CheckpointError(f"{path}: does not hold a usable classifier ({str(exc).splitlines()[0]})") from None
+        raise checkpoint.CheckpointError(f"{path}: does not hold a usable classifier ({first_line(exc)})") from None
     model.eval().requires_grad_(False)
-    return model.to(device), spec
+    return model.to(device)
+
+
+def load(path, device: str | torch.device = "cpu", *,
+         trust_arch: bool = False) -> tuple[Classifier | ModuleClassifier, ClassifierSpec]:
+    """A frozen (eval-mode) classifier and its spec, from a checkpoint written by `save` or `export`.
+
+    A checkpoint naming its own architecture (``package.module:factory``) is refused
+    (``UntrustedArchitecture``, a ``CheckpointError``) unless ``trust_arch``: loading it imports
+    that module and calls the factory, which can run any code.
+    """
+    tensors, spec = read(path)
+    return from_weights(tensors, spec, path, device, trust_arch=trust_arch), spec
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -270,8 +376,8 @@ def export(model: nn.Module, path, *, arch: str, arch_kwargs: dict | None = None
 
     ``arch`` = ``"package.module:factory"``: an importable callable (a class or a function) such
     that ``factory(**arch_kwargs)`` rebuilds ``model``'s architecture; loading the checkpoint
-    imports that module, so it must be importable there too (e.g. on ``PYTHONPATH``), not a
-    script's ``__main__``. ``mean``/``std``: the per-channel normalisation ``model`` expects on
+    (with ``trust_arch=True``, or ``--trust-arch``) imports that module, so it must be importable
+    there too (e.g. on ``PYTHONPATH``), not a script's ``__main__``. ``mean``/``std``: the per-channel normalisation ``model`` expects on
     its input; pssr applies it in front of ``model`` so that the checkpoint takes images in
     [0, 1] like every pssr classifier (default: none, for a model that takes [0, 1] images).
     ``dataset``: the data set it classifies (``mnist``, ``cifar10``, ``folder:PATH``; picks

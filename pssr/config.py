@@ -16,9 +16,65 @@ from pathlib import Path
 
 import yaml
 
+from .errors import PssrError
 
-class ConfigError(Exception):
+
+class ConfigError(PssrError):
     """A config that cannot be used (one line, naming the key)."""
+
+
+SEED_MAX = 2**63 - 1  # seeds are int64 wherever they go (torch generators, safetensors metadata, numpy)
+
+
+def check_seed(seed: int, key: str = "seed") -> None:
+    """A seed must be an integer in [0, 2**63 - 1] (raised as ValueError, as __post_init__ checks do)."""
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{key} must be an integer from 0 to 2**63-1, got {seed}")
+
+
+def check_limit(value: int | None, key: str) -> None:
+    """An image count such as data.train_limit: unset (all images) or at least 1."""
+    if value is not None and value < 1:
+        raise ValueError(f"{key} must be >= 1 (leave it unset for all images), got {value}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error (SafeLoader
+    keeps the last value silently, so a config could say one thing and run another)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so below
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """One line: 'context: problem at line L, column C'."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return (f"{exc.context}: " if exc.context else "") + exc.problem + at
+    return " ".join(str(exc).split())
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text -> data, with UniqueKeyLoader; any YAML error is one ConfigError line."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_error(exc)})") from None
 
 
 def preset_names(prefix: str) -> list[str]:
@@ -31,18 +87,23 @@ def preset_names(prefix: str) -> list[str]:
 def read_source(source: str, prefix: str) -> dict:
     """A preset name (e.g. 'mnist') or a path to a YAML file -> its mapping."""
     if source in preset_names(prefix):
-        text = (resources.files("pssr") / "configs" / f"{prefix}-{source}.yaml").read_text()
+        text = (resources.files("pssr") / "configs" / f"{prefix}-{source}.yaml").read_text(encoding="utf-8")
         where = f"preset {source!r}"
     else:
         path = Path(source)
         if not path.is_file():
             presets = ", ".join(preset_names(prefix)) or "none"
             raise ConfigError(f"{source}: no such config file and no such preset (presets: {presets})")
-        text, where = path.read_text(), str(path)
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        where = str(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{where}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                              f"save the file as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    data = parse_yaml(text, where) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections")
     return data
@@ -61,7 +122,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         try:
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            node[leaf] = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
         except yaml.YAMLError:
             node[leaf] = raw
     return data

@@ -609,16 +609,17 @@ def _classifier_info(path, spec, model) -> dict:
 
 def run(config: Config, *, json_path: str | None = None, markdown_path: str | None = None,
         plot_path: str | None = None, state_path: str | None = None, examples_path: str | None = None,
-        eps_curve_path: str | None = None, quiet: bool = False) -> Result:
+        eps_curve_path: str | None = None, quiet: bool = False, trust_arch: bool = False) -> Result:
     """The whole evaluation; writes the JSON, markdown and figures last, when asked to. With
-    ``state_path``, resumes from the units finished there and saves each new one there."""
+    ``state_path``, resumes from the units finished there and saves each new one there.
+    ``trust_arch``: the classifier may name its own architecture's code (imported and run)."""
     started = time.perf_counter()
     config = validate(config)
     outputs = ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot"), (state_path, "--state"),
                (examples_path, "--examples"), (eps_curve_path, "--eps-curve"))
     for path, option in outputs:
         check_output_path(path, option)
-    classifier, spec = classifiers.load(config.classifier)
+    classifier, spec = classifiers.load(config.classifier, trust_arch=trust_arch)
     dataset = dataset_key(config.dataset or spec.dataset or "")  # a folder:PATH keeps its case
     if not dataset:
         raise EvalError(f"{config.classifier}: the checkpoint names no data set; pass --dataset")

@@ -4,7 +4,9 @@ A purifier belongs to one frozen classifier: the surgery uses that classifier's 
 trained on the masks it makes. So a purifier checkpoint stores only G's weights, the surgery
 settings and the sha256 of its classifier's weights, and refuses to run with any other classifier.
 The classifier is found next to the purifier file (by the file name recorded at training time),
-then among the shipped weights, or given explicitly.
+then among the shipped weights, or given explicitly. Its stored weights are compared with the
+recorded sha256 before it is built, and one naming its own architecture is built only with
+``trust_arch`` (see ``pssr.classifiers``): a purifier file cannot make pssr run code.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from torch import nn
 
 from . import checkpoint, classifiers
 from .defenses import Defense, DefenseError
+from .errors import first_line
 from .regeneration import Regenerator, RegeneratorSpec, compose
 from .surgery import GRADIENTS, PixelSurgery, SurgeryConfig
 
 KIND = "purifier"
 SHIPPED = ("mnist", "cifar10")
+MAX_WIDTH = 256  # G's width a checkpoint may ask for (the presets use 16 and 32)
 
 
 @dataclass
@@ -76,14 +80,59 @@ def save(path, regenerator: Regenerator, spec: PurifierSpec) -> None:
     checkpoint.save(path, regenerator.state_dict(), info)
 
 
+def _regenerator_spec(raw) -> RegeneratorSpec:
+    """G's spec from metadata, type- and bound-checked: its width sizes what loading allocates."""
+    raw = dict(checkpoint.mapping(raw, "regenerator"))
+    raw["channels"] = checkpoint.integer(raw.get("channels"), "regenerator channels", 1, classifiers.MAX_CHANNELS)
+    raw["width"] = checkpoint.integer(raw.get("width", 32), "regenerator width", 1, MAX_WIDTH)
+    raw["dropout"] = checkpoint.number(raw.get("dropout", 0.1), "regenerator dropout")
+    raw["input_bits"] = checkpoint.integer(raw.get("input_bits", 0), "regenerator input_bits", 0, 8)
+    return RegeneratorSpec(**raw)
+
+
+def _surgery_config(raw) -> SurgeryConfig:
+    raw = dict(checkpoint.mapping(raw, "surgery"))
+    for key in ("alpha", "ratio", "fill", "soft_temperature"):
+        if key in raw:
+            raw[key] = checkpoint.number(raw[key], f"surgery {key}")
+    for key in ("mode", "reduce"):
+        if key in raw:
+            checkpoint.text(raw[key], f"surgery {key}")
+    return SurgeryConfig(**raw)
+
+
 def read_spec(info: dict, path) -> PurifierSpec:
+    """The purifier spec of checkpoint metadata; every value checked (one-line ``CheckpointError``)."""
     try:
-        raw = dict(info["spec"])
-        raw["regenerator"] = RegeneratorSpec(**raw["regenerator"])
-        raw["surgery"] = SurgeryConfig(**raw["surgery"])
+        raw = dict(checkpoint.mapping(info.get("spec"), "the spec"))
+        raw["regenerator"] = _regenerator_spec(raw.get("regenerator"))
+        raw["surgery"] = _surgery_config(raw.get("surgery"))
+        checkpoint.text(raw.get("classifier_sha256"), "classifier_sha256")
+        for key in ("classifier_file", "dataset"):
+            checkpoint.text(raw.get(key, ""), key)
+        checkpoint.mapping(raw.get("extra", {}), "extra")
         return PurifierSpec(**raw)
     except (KeyError, TypeError, ValueError) as exc:
         raise checkpoint.CheckpointError(f"{path}: does not hold a usable purifier spec ({exc})") from None
+
+
+def check_weights(tensors: dict[str, torch.Tensor], spec: PurifierSpec, path) -> None:
+    """G's weights are finite and fit ``spec`` (compared with G built on the meta device, so a
+    spec larger than its weights allocates nothing)."""
+    checkpoint.check_finite(tensors, path)
+    with torch.device("meta"):
+        want = Regenerator(spec.regenerator).state_dict()
+    problems = classifiers.fit_problems(want, tensors)
+    if problems:
+        raise checkpoint.CheckpointError(f"{path}: the weights do not fit the regenerator ({'; '.join(problems)})")
+
+
+def _check_digest(spec: PurifierSpec, sha: str, path, cpath) -> None:
+    if sha != spec.classifier_sha256:
+        raise checkpoint.CheckpointError(
+            f"{path}: this purifier was trained for another classifier (sha256 {spec.classifier_sha256[:12]}…), "
+            f"not {cpath} ({sha[:12]}…)"
+        )
 
 
 def shipped_path(name: str) -> Path:
@@ -106,31 +155,37 @@ def _find_classifier(path: Path, spec: PurifierSpec, classifier_path) -> Path:
     )
 
 
-def load(path, classifier_path=None, device="cpu") -> tuple[Purifier, PurifierSpec, classifiers.ClassifierSpec]:
-    """A purifier in eval mode with its frozen classifier; refuses a classifier it was not trained for."""
+def load(path, classifier_path=None, device="cpu", *,
+         trust_arch: bool = False) -> tuple[Purifier, PurifierSpec, classifiers.ClassifierSpec]:
+    """A purifier in eval mode with its frozen classifier; refuses a classifier it was not trained for.
+
+    The classifier file's stored weights are compared with the sha256 the purifier records before
+    that classifier is built, so a foreign classifier never runs; one naming its own architecture
+    is imported only with ``trust_arch`` (``classifiers.load``).
+    """
     path = Path(path)
     tensors, info = checkpoint.load(path, kind=KIND)
     spec = read_spec(info, path)
+    check_weights(tensors, spec, path)
     cpath = _find_classifier(path, spec, classifier_path)
-    classifier, cspec = classifiers.load(cpath, device)
+    ctensors, cspec = classifiers.read(cpath)
+    _check_digest(spec, checkpoint.weights_sha256(ctensors), path, cpath)
+    classifier = classifiers.from_weights(ctensors, cspec, cpath, device, trust_arch=trust_arch)
     return bind(classifier, cspec, tensors, spec, path, cpath, device)
 
 
 def bind(classifier, cspec, tensors, spec: PurifierSpec, path, cpath, device="cpu"):
-    sha = checkpoint.weights_sha256(classifier.state_dict())
-    if sha != spec.classifier_sha256:
-        raise checkpoint.CheckpointError(
-            f"{path}: this purifier was trained for another classifier (sha256 {spec.classifier_sha256[:12]}…), "
-            f"not {cpath} ({sha[:12]}…)"
-        )
+    """The purifier of ``spec`` and ``tensors`` on ``classifier`` (which must be the one it records)."""
+    _check_digest(spec, checkpoint.weights_sha256(classifier.state_dict()), path, cpath)
     if spec.regenerator.channels != cspec.in_channels:
         raise checkpoint.CheckpointError(f"{path}: {spec.regenerator.channels}-channel purifier, "
                                          f"{cspec.in_channels}-channel classifier")
-    regenerator = Regenerator(spec.regenerator)
+    check_weights(tensors, spec, path)
     try:
+        regenerator = Regenerator(spec.regenerator)
         regenerator.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise checkpoint.CheckpointError(f"{path}: weights do not fit the regenerator ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise checkpoint.CheckpointError(f"{path}: weights do not fit the regenerator ({first_line(exc)})") from None
     regenerator.eval().requires_grad_(False)
     return Purifier(classifier, regenerator.to(device), spec.surgery).eval(), spec, cspec
 

@@ -104,7 +104,34 @@ def _notes(doc: dict) -> list[str]:
         "include the one shared attack run).",
         "worst case: an image counts only if it is correct clean and survives every attack under every threat "
         "model that ran on it; over the first n images, which all of that defense's runs saw.",
-    ] + eps_warnings(doc)
+    ] + chance_warnings(doc) + eps_warnings(doc)
+
+
+NEAR_CHANCE = 1.5  # clean accuracy at most this many times chance (1 / classes) gets a warning
+
+
+def chance_warnings(result) -> list[str]:
+    """A classifier near chance on clean images (untrained, the wrong data set, a defense that destroys
+    the image) makes every robust number meaningless: an image counts as robust only if it is right
+    clean, so they are all bounded by a near-chance one, and a few lucky images look like robustness.
+    Where a defense's clean accuracy is at most NEAR_CHANCE / classes, the report says so."""
+    doc = _doc(result)
+    classes = doc["classifier"].get("num_classes")
+    if not isinstance(classes, int) or classes < 2:
+        return []
+    chance = 1 / classes
+    out = []
+    for c in doc["clean"]:
+        if c["accuracy"] > NEAR_CHANCE * chance + 1e-9:
+            continue
+        near = f"near chance (1/{classes} = {_pct(chance)}) on {c['n']} images"
+        if c["defense"] == "none":
+            out.append(f"warning: the classifier's own clean accuracy is {_pct(c['accuracy'])}, {near}: every robust "
+                       f"accuracy in this report means nothing. Is it trained, and for this data set?")
+        else:
+            out.append(f"warning: {c['defense']}: clean accuracy {_pct(c['accuracy'])} behind this defense, {near}: "
+                       f"its robust accuracies mean nothing")
+    return out
 
 
 def eps_warnings(result) -> list[str]:

@@ -55,6 +55,13 @@ class DataConfig:
     test_limit: int = 500  # test images for the accuracy watched during training
     cache: bool = True  # make the training attack and the masks once, stored in the run folder (DESIGN §9)
 
+    def __post_init__(self):
+        config.check_limit(self.train_limit, "train_limit")
+        config.check_limit(self.test_limit, "test_limit")
+
+
+MAX_WIDTH = 256  # G's base width; 32 ships, and G's size grows as width² (width 256: 16M parameters)
+
 
 @dataclass
 class RegeneratorConfig:
@@ -64,6 +71,8 @@ class RegeneratorConfig:
     input_bits: int = 0  # G reads the surviving pixels rounded to 2**b levels (0: as they are)
 
     def __post_init__(self):
+        if not 1 <= self.width <= MAX_WIDTH:
+            raise ValueError(f"width must be from 1 to {MAX_WIDTH}, got {self.width}")
         RegeneratorSpec(1, self.width, self.dropout, self.input_bits)  # its checks are the rules: refused at load
 
 
@@ -104,6 +113,7 @@ class TrainConfig:
             raise ValueError("lr, checkpoint_every and log_every must be > 0, eval_every >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
+        config.check_seed(self.seed)
 
 
 @dataclass
@@ -259,7 +269,7 @@ def step_loss(f, surgery: PixelSurgery, G, x, y, x_adv, lc: LossConfig, masks=No
 
 
 def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, quiet: bool = False,
-        device: str = "auto") -> dict:
+        device: str = "auto", trust_arch: bool = False) -> dict:
     """Train; returns the summary (watched accuracies, paths, time). Raises TrainError."""
     dd = init_distributed(device)
     out = Path(out_dir)
@@ -268,7 +278,7 @@ def run(cfg: PurifierConfig, out_dir, *, resume: bool = False, data_root=None, q
     check_run_dir(out, state_path, resume)
 
     cpath = resolve_classifier(cfg.classifier)
-    f, cspec = classifiers.load(cpath, dd.device)
+    f, cspec = classifiers.load(cpath, dd.device, trust_arch=trust_arch)  # trust_arch: may import its code
     dataset = dataset_key(cfg.data.dataset or cspec.dataset)  # a folder:PATH keeps its case
     if cspec.dataset and dataset != dataset_key(cspec.dataset):
         raise TrainError(f"data.dataset is {dataset} but {cpath.name} was trained on {cspec.dataset}: set "
@@ -482,11 +492,19 @@ def _attack_cache(path: Path, train, f, surgery, attack, classifier_sha: str, da
     started = time.time()
     if dd.main and not quiet and not show:  # no bar off a terminal: say why nothing happens for a while
         print(f"making the training attack for {len(train)} images (once; stored in {path})", file=sys.stderr)
-    with tqdm(total=len(train), disable=not show, file=sys.stderr, unit="img", desc="training attack (once)",
-              dynamic_ncols=True) as bar:
-        cached = attack_cache.make(train.images, train.labels, f, surgery, attack, seed, rank=dd.rank,
-                                   world=dd.world, device=dd.device, progress=lambda k: bar.update(k * dd.world),
-                                   parts=parts, want=want)
+    try:
+        with tqdm(total=len(train), disable=not show, file=sys.stderr, unit="img", desc="training attack (once)",
+                  dynamic_ncols=True) as bar:
+            cached = attack_cache.make(train.images, train.labels, f, surgery, attack, seed, rank=dd.rank,
+                                       world=dd.world, device=dd.device, progress=lambda k: bar.update(k * dd.world),
+                                       parts=parts, want=want)
+    except KeyboardInterrupt:  # Ctrl-C stops here at once (GracefulStop is on only during the steps)
+        kept = len(list(parts.glob("*.safetensors"))) if parts.is_dir() else 0
+        state = path.with_name("state.safetensors")
+        again = "the same command (with --resume)" if state.is_file() else "the same command, without --resume"
+        size = attack_cache.PART_CHUNKS * attack_cache.CHUNK
+        raise TrainError(f"interrupted while making the training attack ({kept} part file(s) of up to {size} "
+                         f"images each kept in {parts}): rerun {again}; it makes only the rest") from None
     if dd.main:
         attack_cache.save(path, cached, want)
         attack_cache.remove_parts(parts)

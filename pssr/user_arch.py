@@ -3,8 +3,9 @@
 A classifier checkpoint whose ``arch`` is ``package.module:factory`` is rebuilt by importing
 ``package.module`` and calling ``factory(**arch_kwargs)``, which must return an ``nn.Module``
 mapping normalised images (B, C, H, W) to logits (B, num_classes). Importing runs that module's
-code, as loading any model code does: load only checkpoints you trust. Nothing is imported for
-the zoo's names (no ':').
+code and the factory is any callable (``os:system`` too), so ``pssr.classifiers`` does this only
+when the caller opts in for that load (``trust_arch=True``, ``--trust-arch``); nothing here
+checks trust. Nothing is imported for the zoo's names (no ':').
 
 The purifier's semantic loss compares penultimate features, so pssr needs ``features(x)`` and
 ``head(features)`` with ``head(features(x)) == forward(x)``. :class:`ModuleClassifier` takes the
@@ -26,7 +27,7 @@ from torch import nn
 
 from .errors import first_line
 
-_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 SPLITS = ("module", "last-linear", "logits")
 
 
@@ -36,7 +37,7 @@ class ArchitectureError(ValueError):
 
 def is_user_arch(arch: str) -> bool:
     """True for ``package.module:factory`` (the zoo's names have no ':')."""
-    return isinstance(arch, str) and bool(_NAME.match(arch))
+    return isinstance(arch, str) and bool(_NAME.fullmatch(arch))  # fullmatch: "$" would let "a:b\n" through
 
 
 def resolve(arch: str):

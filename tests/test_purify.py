@@ -1,5 +1,6 @@
 """`pssr purify IN OUT`: folder purification, manifest, reruns, conversions, routing, sharding."""
 
+import errno
 import json
 import os
 import subprocess
@@ -74,13 +75,14 @@ def _manifest(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _disk_full_for(monkeypatch, name: str) -> None:
-    """Writing the file called ``name`` fails with ENOSPC; every other write goes through."""
+def _write_error_for(monkeypatch, name: str) -> None:
+    """Writing the file called ``name`` fails with EIO; every other write goes through. (A full disk,
+    ENOSPC, stops the whole run instead: tests/test_purify_safety.py.)"""
     real_write = purify_folder.write_output
 
     def full_disk(path, data):
         if path.name == name:
-            raise OSError(28, "No space left on device")
+            raise OSError(errno.EIO, "Input/output error")
         return real_write(path, data)
 
     monkeypatch.setattr(purify_folder, "write_output", full_disk)
@@ -245,11 +247,13 @@ def test_interrupted_run_leaves_no_partial_files_and_rerun_finishes(tmp_path, mo
     options = purify_folder.Options(model=str(models["mnist"]), batch_size=4, quiet=True)
     with pytest.raises(KeyboardInterrupt):
         purify_folder.run(src, out, options)
-    # no temporary or half file; every output that was written whole is in the manifest
+    # no temporary or half file; every output that was written whole is in the manifest with its predictions
+    # (records are written ahead of their outputs: one whose output never came is redone by the rerun)
     written = _files(out) - {"manifest.jsonl"}
     assert "manifest.jsonl" in _files(out) and "s/g3.png" not in written and set(names[:3]) <= written
     records = _manifest(out / "manifest.jsonl")
-    assert sorted(r["path"] for r in records) == sorted(written) and all(r["status"] == "ok" for r in records)
+    assert all(r["status"] == "ok" for r in records)
+    assert written <= {r["path"] for r in records if r["pred_after"] is not None}
     for name in written:
         with Image.open(out / name) as img:
             img.load()
@@ -273,11 +277,11 @@ def test_write_error_fails_that_file_only(tmp_path, models, monkeypatch):
     src.mkdir()
     for i in range(3):
         _grey(rng).save(src / f"g{i}.png")
-    _disk_full_for(monkeypatch, "g1.png")
+    _write_error_for(monkeypatch, "g1.png")
     result = _invoke(src, out, "--model", models["mnist"])
     assert result.exit_code == 1 and "2 ok, 0 skipped, 1 failed" in result.stdout
     r = _by_path(out / "manifest.jsonl")
-    assert r["g1.png"]["status"] == "failed" and "No space left" in r["g1.png"]["error"]
+    assert r["g1.png"]["status"] == "failed" and "Input/output error" in r["g1.png"]["error"]
     assert _files(out) == {"g0.png", "g2.png", "manifest.jsonl"}
 
 
@@ -526,9 +530,10 @@ def test_profile_and_subprocess_end_to_end(tmp_path, models):
 # --save-masks
 
 
-def _grid(path: Path, scale: int) -> np.ndarray:
-    """A mask or strip back at the model's size, after checking that it is a nearest enlargement."""
-    a = np.asarray(Image.open(path))
+def _grid(path: Path, scale: int, rows: int | None = None) -> np.ndarray:
+    """A mask or strip (its first ``rows``: the panels above the caption) back at the model's size, after
+    checking that it is a nearest enlargement."""
+    a = np.asarray(Image.open(path))[:rows]
     small = a[::scale, ::scale]
     np.testing.assert_array_equal(np.repeat(np.repeat(small, scale, 0), scale, 1), a)
     return small
@@ -552,11 +557,11 @@ def test_save_masks_writes_mask_and_strip(tmp_path, mixed_folder, models):
         with Image.open(out / r["mask"]) as img:
             assert (img.format, img.mode, img.size) == ("PNG", "L", (28 * s, 28 * s))
         with Image.open(out / r["strip"]) as img:
-            assert (img.format, img.mode, img.size) == ("PNG", "L", (4 * 28 * s, 28 * s))
+            assert (img.format, img.mode, img.size) == ("PNG", "L", (4 * 28 * s, 28 * s + purify_folder.CAPTION_PX))
         mask = _grid(out / r["mask"], s)
         assert set(np.unique(mask)) <= {0, 255}
         assert (mask == 255).mean() == pytest.approx(r["removed_fraction"], abs=1e-6)
-        given, shown_mask, regenerated, diff = np.split(_grid(out / r["strip"], s), 4, axis=1)
+        given, shown_mask, regenerated, diff = np.split(_grid(out / r["strip"], s, 28 * s), 4, axis=1)
         np.testing.assert_array_equal(given, np.asarray(Image.open(src / rel).convert("L")))
         np.testing.assert_array_equal(shown_mask, mask)
         np.testing.assert_array_equal(regenerated, np.asarray(Image.open(out / out_rel)))
@@ -572,7 +577,8 @@ def test_save_masks_colour_sizes(tmp_path, models):
     _colour(np.random.default_rng(15), 40, 50).save(src / "c.png")
     result = _invoke(src, out, "--model", models["cifar10"], "--save-masks")
     assert result.exit_code == 0, result.output
-    for name, mode, size in (("c.mask.png", "L", (128, 128)), ("c.strip.png", "RGB", (4 * 128, 128))):
+    strip = (4 * 128, 128 + purify_folder.CAPTION_PX)
+    for name, mode, size in (("c.mask.png", "L", (128, 128)), ("c.strip.png", "RGB", strip)):
         with Image.open(out / name) as img:
             assert (img.mode, img.size) == (mode, size)
 
@@ -608,13 +614,13 @@ def test_save_masks_name_clash_and_write_error(tmp_path, models, monkeypatch):
     src.mkdir()
     for name in ("a.png", "a.mask.png", "g.png"):
         _grey(rng).save(src / name)
-    _disk_full_for(monkeypatch, "g.strip.png")
+    _write_error_for(monkeypatch, "g.strip.png")
     result = _invoke(src, out, "--model", models["mnist"], "--save-masks")
     assert result.exit_code == 1 and "1 ok, 0 skipped, 2 failed" in result.stdout
     r = _by_path(out / "manifest.jsonl")
     assert r["a.mask.png"]["status"] == "ok"  # sorted first, so it owns the name a.mask.png
     assert r["a.png"]["status"] == "failed" and "a.mask.png is already written for a.mask.png" in r["a.png"]["error"]
-    assert r["g.png"]["status"] == "failed" and "No space left" in r["g.png"]["error"]
+    assert r["g.png"]["status"] == "failed" and "Input/output error" in r["g.png"]["error"]
     # g.png's mask was written before its strip failed, and removed: a failed input leaves no file
     assert _files(out) == {"a.mask.png", "a.mask.mask.png", "a.mask.strip.png", "manifest.jsonl"}
 
@@ -637,3 +643,13 @@ def test_readme_main_command_purifies_the_samples_with_the_shipped_purifier(tmp_
         x = torch.from_numpy(a)[None, None] if a.ndim == 2 else torch.from_numpy(a).permute(2, 0, 1)[None]
         assert 0.2 < rec["removed_fraction"] < 0.8
         assert int(f[rec["model"]](x).argmax(1)) == rec["pred_after"], name  # the 8-bit output was classified
+    # samples/labels.csv is picked up (not an input): every record has its label, and the summary says
+    # how many predictions changed and the accuracy before and after
+    assert all(rec["label"] == Path(name).stem.split("-", 1)[1] for name, rec in r.items())
+    changed = sum(v["pred_before"] != v["pred_after"] for v in r.values())
+    before = sum(v["class_before"] == v["label"] for v in r.values())
+    after = sum(v["class_after"] == v["label"] for v in r.values())
+    assert (f"purification changed {changed} of 16 predictions; accuracy on 16 labelled images: "
+            f"{100 * before / 16:.1f}% before, {100 * after / 16:.1f}% after, labels from {samples / 'labels.csv'}"
+            ) in result.stdout, result.stdout
+    assert "16 ok, 0 skipped, 0 failed, 1 non-image files ignored" in result.stdout  # README.md

@@ -442,3 +442,34 @@ def test_regenerator_does_not_collapse_under_the_preset_loss():
             filled_share.append(float((filled > 0.05).float().mean()))
     assert max(filled_share) > 0.2, f"G fills the holes with black: {filled_share}"
     assert pixel[-1] < pixel[0]
+
+
+def test_ctrl_c_while_the_attack_cache_is_made_says_how_to_continue(tmp_path, monkeypatch):
+    """Ctrl-C before the first step used to print only "Aborted!", and --resume then refused (no state yet).
+    It now says, in one line, that a plain rerun continues from the finished parts; and it does."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(attack_cache, "CHUNK", 16)  # 64 images: 4 chunks, one part file each
+    monkeypatch.setattr(attack_cache, "PART_CHUNKS", 1)
+    real, made = attacks.run_attack, []
+
+    def ctrl_c_in_the_third_chunk(*a, **k):
+        if k.get("batch_size") == 16:  # the cache's calls (the watched test attack has none)
+            made.append(k["seed"])
+            if len(made) == 3:
+                raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(attacks, "run_attack", ctrl_c_in_the_third_chunk)
+    out = tmp_path / "run"
+    args = ["train", "mnist", "--data-root", DATA, "--out", str(out), "-q",
+            *sum((["--set", s] for s in [*TINY, "train.stop_after_steps=1"]), [])]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "Aborted" not in r.output, r.output
+    assert r.output.startswith("Error: interrupted while making the training attack (2 part file(s)")
+    assert "rerun the same command, without --resume" in r.output and len(r.output.strip().splitlines()) == 1
+    assert len(list((out / "attack-cache.parts").glob("*.safetensors"))) == 2
+    made.clear()
+    r = CliRunner().invoke(cli, args)  # the plain rerun the message asks for
+    assert r.exit_code == 0, r.output
+    assert made == [attack_cache.chunk_seed(0, 2), attack_cache.chunk_seed(0, 3)]  # only the rest
+    assert (out / "attack-cache.safetensors").is_file() and not (out / "attack-cache.parts").exists()

@@ -52,7 +52,7 @@ def export_tiny(module, path, **kw):
 
 def test_export_then_load_gives_the_same_logits(tmp_path, my_classifier, one_thread):
     model, spec = export_tiny(my_classifier, tmp_path / "my.safetensors")
-    loaded, spec2 = classifiers.load(tmp_path / "my.safetensors")
+    loaded, spec2 = classifiers.load(tmp_path / "my.safetensors", trust_arch=True)
     assert spec2 == spec and spec.arch == "my_classifier:TinyCNN" and spec.arch_kwargs == {"width": 4}
     assert spec.extra["features"] == "last-linear" and loaded.split == "last-linear"
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
@@ -102,7 +102,7 @@ def test_features_split_is_the_first_that_reproduces_the_logits(tmp_path, cls, s
     model = cls()
     spec = classifiers.export(model, tmp_path / "m.safetensors", arch=f"{__name__}:{cls.__name__}",
                               num_classes=3, in_channels=1, image_size=4)
-    loaded, _ = classifiers.load(tmp_path / "m.safetensors")
+    loaded, _ = classifiers.load(tmp_path / "m.safetensors", trust_arch=True)
     assert spec.extra["features"] == split == loaded.split
     assert spec.mean == (0.0,) and spec.std == (1.0,)  # no normalisation given: the module takes [0, 1]
     x = torch.rand(3, 1, 4, 4)
@@ -119,7 +119,7 @@ def test_bad_architectures_give_one_line(tmp_path, my_classifier):
         info2 = {**info, "spec": {**info["spec"], **change}}
         checkpoint.save(tmp_path / name, tensors, info2)
         with pytest.raises(checkpoint.CheckpointError) as e:
-            classifiers.load(tmp_path / name)
+            classifiers.load(tmp_path / name, trust_arch=True)
         assert "\n" not in str(e.value)
         return str(e.value)
 
@@ -141,15 +141,15 @@ def test_bad_architectures_give_one_line(tmp_path, my_classifier):
     assert not (tmp_path / "x.safetensors").exists()
 
     r = CliRunner().invoke(cli, ["eval", "--classifier", str(tmp_path / "a.safetensors"), "--data-root", str(tmp_path),
-                                 "--defense", "none"])
+                                 "--defense", "none", "--trust-arch"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "PYTHONPATH" in r.output, r.output
 
 
 @needs_mnist
 def test_pssr_eval_on_your_own_checkpoint(tmp_path, my_classifier, one_thread):
     export_tiny(my_classifier, tmp_path / "my.safetensors")
-    r = CliRunner().invoke(cli, ["eval", "--classifier", str(tmp_path / "my.safetensors"), "--data-root", str(DATA),
-                                 "--defense", "none", "--defense", "jpeg", "--attack", "fgsm", "--limit", "8",
+    r = CliRunner().invoke(cli, ["eval", "--classifier", str(tmp_path / "my.safetensors"), "--trust-arch",
+                                 "--data-root", str(DATA), "--defense", "none", "--defense", "jpeg", "--attack", "fgsm", "--limit", "8",
                                  "--threat", "oblivious", "--threat", "bpda", "-q"])
     assert r.exit_code == 0, r.output
     assert "jpeg:quality=75" in r.output and "bpda" in r.output
