@@ -2,9 +2,9 @@
 # Purify throughput on this machine: the first PER_CLASS CIFAR-10 test images of each class
 # (10 x PER_CLASS 32x32 PNGs, made by examples/make_image_folder.py) through the shipped CIFAR-10
 # purifier, with the per-stage profile, RUNS times, then the median. The first batch of a run
-# pays one-time set-up (oneDNN primitives), so small folders read lower than large ones; the
-# README quotes PER_CLASS=100 (1,000 images) and PER_CLASS=400 (4,000). Run it on a quiet
-# machine: timings shared with other jobs mean little.
+# pays one-time set-up (oneDNN primitives), so small folders read lower than large ones;
+# docs/purify.md ("Throughput") quotes PER_CLASS=100 (1,000 images) and PER_CLASS=400 (4,000).
+# Run it on a quiet machine: timings shared with other jobs mean little.
 #   DATA_ROOT=../shared/data PER_CLASS=400 RUNS=8 bash benchmarks/purify_throughput.sh
 set -euo pipefail
 DATA_ROOT="${DATA_ROOT:-../shared/data}"

@@ -1,4 +1,4 @@
-"""Markdown table of the fused rows of a `pssr bench-kernels --json` file (for the README).
+"""Markdown table of the fused rows of a `pssr bench-kernels --json` file (for docs/kernels.md, "Kernel numbers (CPU)").
 
     python benchmarks/table.py benchmarks/cpu-2core.json
 """

@@ -10,10 +10,12 @@ from pssr.defenses import DefenseError
 
 
 @click.command("eval")
-@click.option("--classifier", "classifier_path", required=True, type=click.Path(), metavar="PATH",
+@click.option("--classifier", "classifier_path", type=click.Path(), metavar="PATH",
               help="Classifier checkpoint (.safetensors, from pssr train-classifier or "
                    "pssr.classifiers.export); its data set picks the attack presets (mnist: MNIST's, anything "
-                   "else: CIFAR-10's). A checkpoint of your own architecture needs --trust-arch.")
+                   "else: CIFAR-10's). A checkpoint of your own architecture needs --trust-arch. Default with "
+                   "--defense pssr:path=FILE: the classifier that purifier was trained with, found as pssr purify "
+                   "finds it (beside it, through its training run's config.yaml, or shipped).")
 @click.option("--dataset", default=None, help="Test data set (mnist, cifar10, cifar100, or folder:PATH, an image "
               "folder whose test/ split is used). Default: the checkpoint's.")
 @click.option("--data-root", type=click.Path(), envvar="PSSR_DATA_ROOT",
@@ -85,6 +87,10 @@ def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats
     With --state FILE a long evaluation survives Ctrl-C, SIGTERM or a crash:
     rerun the same command to finish it.
     """
+    try:
+        classifier_path = classifier_path or _purifiers_classifier(defenses)
+    except (DefenseError, CheckpointError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
     config = evaluate.Config(
         classifier=classifier_path, dataset=dataset, data_root=data_root,
         defenses=defenses or evaluate.DEFAULT_DEFENSES, attacks=attacks, threats=threats or evaluate.THREATS,
@@ -107,3 +113,24 @@ def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats
         for path in (json_path, markdown_path, plot_path, examples_path, eps_curve_path):
             if path:
                 click.echo(f"wrote {path}", err=True)
+
+
+def _purifiers_classifier(defenses) -> str:
+    """Without --classifier: the classifier the --defense pssr:path=FILE purifier was trained with,
+    found by ``pssr.purifier.find_classifier`` (the lookup pssr purify and the Python API use)."""
+    from pssr.defenses import parse_defense
+    from pssr.purifier import PssrDefense, find_classifier
+
+    paths = []
+    for text in defenses:
+        d = parse_defense(text)
+        if isinstance(d, PssrDefense) and d.path and d.path not in paths:
+            paths.append(d.path)
+    if not paths:
+        raise click.ClickException("pass --classifier PATH (or --defense pssr:path=FILE, whose own classifier is "
+                                   "then evaluated)")
+    found = [find_classifier(p, hint="pass it with --classifier PATH") for p in paths]
+    if len(set(found)) > 1:
+        raise click.ClickException(f"the purifiers were trained with different classifiers ({found[0]}, "
+                                   f"{found[1]}): pass --classifier PATH")
+    return str(found[0])

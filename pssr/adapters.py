@@ -85,10 +85,12 @@ def load_defended_model(purifier_path, classifier_path=None, *, gradient: str = 
                         trust_arch: bool = False) -> PssrModel:
     """The defended model from checkpoints, in eval mode with frozen weights.
 
-    ``classifier_path`` defaults to the classifier the purifier records (next to it, or shipped);
-    a classifier the purifier was not trained for is refused (``pssr.checkpoint.CheckpointError``),
-    before it is built. A classifier of your own architecture (``package.module:factory``) is
-    imported and built only with ``trust_arch=True``: a checkpoint could name any code.
+    ``classifier_path`` defaults to the classifier the purifier was trained with, found as ``pssr
+    purify`` finds it (``pssr.purifier.find_classifier``: beside it, through its training run's
+    config.yaml, or shipped); a classifier the purifier was not trained for is refused
+    (``pssr.checkpoint.CheckpointError``), before it is built. A classifier of your own
+    architecture (``package.module:factory``) is imported and built only with
+    ``trust_arch=True``: a checkpoint could name any code.
     """
     rule = _rule(gradient)
     purifier, spec, cspec = load(Path(purifier_path), classifier_path, device, trust_arch=trust_arch)

@@ -3,15 +3,18 @@
 A purifier belongs to one frozen classifier: the surgery uses that classifier's gradient, and G is
 trained on the masks it makes. So a purifier checkpoint stores only G's weights, the surgery
 settings and the sha256 of its classifier's weights, and refuses to run with any other classifier.
-The classifier is found next to the purifier file (by the file name recorded at training time),
-then among the shipped weights, or given explicitly. Its stored weights are compared with the
-recorded sha256 before it is built, and one naming its own architecture is built only with
-``trust_arch`` (see ``pssr.classifiers``): a purifier file cannot make pssr run code.
+The classifier is given explicitly, or found by :func:`find_classifier` (the one lookup that
+``pssr purify``, ``pssr eval`` and the Python API share): beside the purifier file, where its
+training run's ``config.yaml`` points, then among the shipped weights, whichever holds weights of
+the recorded sha256. Its stored weights are compared with the recorded sha256 before it is
+built, and one naming its own architecture is built only with ``trust_arch`` (see
+``pssr.classifiers``): a purifier file cannot make pssr run code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -127,9 +130,13 @@ def check_weights(tensors: dict[str, torch.Tensor], spec: PurifierSpec, path) ->
         raise checkpoint.CheckpointError(f"{path}: the weights do not fit the regenerator ({'; '.join(problems)})")
 
 
+class ForeignClassifier(checkpoint.CheckpointError):
+    """The classifier given is not the one the purifier was trained with (by weights sha256)."""
+
+
 def _check_digest(spec: PurifierSpec, sha: str, path, cpath) -> None:
     if sha != spec.classifier_sha256:
-        raise checkpoint.CheckpointError(
+        raise ForeignClassifier(
             f"{path}: this purifier was trained for another classifier (sha256 {spec.classifier_sha256[:12]}…), "
             f"not {cpath} ({sha[:12]}…)"
         )
@@ -139,35 +146,93 @@ def shipped_path(name: str) -> Path:
     return Path(str(resources.files("pssr") / "weights" / f"{name}.safetensors"))
 
 
-def _find_classifier(path: Path, spec: PurifierSpec, classifier_path) -> Path:
-    if classifier_path is not None:
-        return Path(classifier_path)
-    candidates = []
+API_HINT = "pass it as classifier_path=PATH"  # what find_classifier's error says to do (the CLIs: --classifier PATH)
+
+
+def find_classifier(path, spec: PurifierSpec | None = None, *, hint: str = API_HINT) -> Path:
+    """The classifier checkpoint the purifier at ``path`` was trained with: the first of these whose
+    stored weights have the sha256 the purifier records (read as data: nothing is built or imported).
+
+    1. beside it, under the file name recorded at training (``classifier_file``);
+    2. what its training run's ``config.yaml`` (beside it, as ``pssr train`` writes runs) names as
+       ``classifier``: a shipped name, or a path, tried as given (relative to the current folder),
+       then relative to each folder above the run (``pssr train`` resolved it from where it ran);
+    3. the shipped classifier of that file name, of its data set, then any other shipped one.
+
+    ``pssr purify --model PATH``, ``pssr eval --defense pssr:path=PATH`` (without ``--classifier``),
+    :func:`load` and ``pssr.load_defended_model`` all use it. Without a match, a one-line
+    ``CheckpointError`` names what it looked for, and ends with ``hint`` (the option to pass).
+    """
+    path = Path(path)
+    if spec is None:
+        _, info = checkpoint.load(path, kind=KIND)
+        spec = read_spec(info, path)
+    tried: list[Path] = []
+    for candidate in _classifier_candidates(Path(os.path.abspath(path)), spec):
+        if candidate in tried or not candidate.is_file():
+            continue
+        tried.append(candidate)
+        try:
+            tensors, _ = checkpoint.load(candidate, kind=classifiers.KIND)
+        except checkpoint.CheckpointError:
+            continue
+        if checkpoint.weights_sha256(tensors) == spec.classifier_sha256:
+            return candidate
+    wanted = spec.classifier_file or "its classifier"
+    others = f"; not {', '.join(map(str, tried[:3]))}" if tried else ""
+    raise checkpoint.CheckpointError(f"{path}: cannot find the classifier it was trained with ({wanted}, weights "
+                                     f"sha256 {spec.classifier_sha256[:12]}…){others}; {hint}")
+
+
+def _classifier_candidates(path: Path, spec: PurifierSpec):
+    """The places find_classifier looks, in its order (files may be missing or repeated)."""
     if spec.classifier_file:
-        candidates += [path.parent / spec.classifier_file, shipped_path(Path(spec.classifier_file).stem)]
+        yield path.parent / spec.classifier_file
+    named = _run_config_classifier(path.parent / "config.yaml")
+    if named:
+        shipped = shipped_path(f"classifier-{named}")
+        if "/" not in named and shipped.is_file():
+            yield shipped
+        given = Path(named).expanduser()
+        yield given
+        if not given.is_absolute():
+            for folder in (path.parent, *path.parent.parents):
+                yield folder / given
+    if spec.classifier_file:
+        yield shipped_path(Path(spec.classifier_file).stem)
     if spec.dataset:
-        candidates.append(shipped_path(f"classifier-{spec.dataset}"))
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise checkpoint.CheckpointError(
-        f"{path}: cannot find its classifier ({spec.classifier_file or 'unnamed'}); pass it explicitly"
-    )
+        yield shipped_path(f"classifier-{spec.dataset}")
+    yield from sorted(shipped_path("classifier-x").parent.glob("classifier-*.safetensors"))
+
+
+def _run_config_classifier(config: Path) -> str | None:
+    """The ``classifier`` a training run's config.yaml names, if it is readable."""
+    if not config.is_file():
+        return None
+    import yaml
+
+    try:
+        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    named = doc.get("classifier") if isinstance(doc, dict) else None
+    return named if isinstance(named, str) and named else None
 
 
 def load(path, classifier_path=None, device="cpu", *,
          trust_arch: bool = False) -> tuple[Purifier, PurifierSpec, classifiers.ClassifierSpec]:
     """A purifier in eval mode with its frozen classifier; refuses a classifier it was not trained for.
 
-    The classifier file's stored weights are compared with the sha256 the purifier records before
-    that classifier is built, so a foreign classifier never runs; one naming its own architecture
-    is imported only with ``trust_arch`` (``classifiers.load``).
+    ``classifier_path`` defaults to the one :func:`find_classifier` finds. The classifier file's
+    stored weights are compared with the sha256 the purifier records before that classifier is
+    built, so a foreign classifier never runs; one naming its own architecture is imported only
+    with ``trust_arch`` (``classifiers.load``).
     """
     path = Path(path)
     tensors, info = checkpoint.load(path, kind=KIND)
     spec = read_spec(info, path)
     check_weights(tensors, spec, path)
-    cpath = _find_classifier(path, spec, classifier_path)
+    cpath = Path(classifier_path) if classifier_path is not None else find_classifier(path, spec)
     ctensors, cspec = classifiers.read(cpath)
     _check_digest(spec, checkpoint.weights_sha256(ctensors), path, cpath)
     classifier = classifiers.from_weights(ctensors, cspec, cpath, device, trust_arch=trust_arch)
@@ -226,6 +291,8 @@ class PssrDefense(Defense):
             spec = read_spec(info, path)
             device = next(iter(classifier.parameters())).device
             self.purifier = bind(classifier, cspec, tensors, spec, path, "the evaluated classifier", device)[0]
+        except ForeignClassifier as exc:
+            raise DefenseError(f"pssr: {exc}{_trained_with(path, spec, self.path is not None)}") from None
         except checkpoint.CheckpointError as exc:
             raise DefenseError(f"pssr: {exc}") from None
 
@@ -240,3 +307,14 @@ class PssrDefense(Defense):
 
     def forward_for_attack(self, x: torch.Tensor, gradient: str = "bpda") -> torch.Tensor:
         return self._ready()(x, gradient)
+
+
+def _trained_with(path: Path, spec: PurifierSpec, given: bool) -> str:
+    """Where the purifier's own classifier is, as the end of an error about another one ("" if not
+    found); ``given``: the purifier was named (``pssr:path=``), so `pssr eval` can find it alone."""
+    try:
+        found = find_classifier(path, spec)
+    except checkpoint.CheckpointError:
+        return ""
+    alone = ", or leave --classifier out" if given else ""
+    return f"; it was trained with {found} (pass --classifier {found}{alone})"

@@ -16,8 +16,9 @@ Choices, stated once (the CLI's help repeats them):
   to one of these gets a "did you mean"). A model is loaded on first use. If a forced model cannot
   be loaded the run stops with a one-line error; in ``auto`` the files that need the missing model
   fail (one message) and the others go on.
-* **Its classifier.** ``classifier`` (``--classifier``) names it; otherwise :func:`find_classifier`
-  looks beside the purifier, where its training run's ``config.yaml`` points, then among the shipped
+* **Its classifier.** ``classifier`` (``--classifier``) names it; otherwise
+  :func:`pssr.purifier.find_classifier` (shared with ``pssr eval`` and the Python API) looks
+  beside the purifier, where its training run's ``config.yaml`` points, then among the shipped
   ones, and takes the file whose stored weights have the sha256 the purifier records (read as data,
   before anything is built). A classifier naming its own architecture (``package.module:factory``)
   is imported only with ``trust_arch`` (``--trust-arch``): otherwise a checkpoint could run code.
@@ -737,72 +738,12 @@ class Models:
 
 
 def find_classifier(path: Path) -> Path:
-    """The classifier checkpoint the purifier at ``path`` was trained with: the first of these whose
-    stored weights have the sha256 the purifier records (read as data: nothing is built or imported).
-
-    1. beside it, under the file name recorded at training (``classifier_file``);
-    2. what its training run's ``config.yaml`` (beside it, as ``pssr train`` writes runs) names as
-       ``classifier``: a shipped name, or a path, tried as given (relative to the current folder),
-       then relative to each folder above the run (``pssr train`` resolved it from where it ran);
-    3. the shipped classifier of that file name, of its data set, then any other shipped one.
-
-    Without a match, one line names what it looked for and the ``--classifier`` option.
-    """
+    """The classifier the purifier at ``path`` was trained with: :func:`pssr.purifier.find_classifier`
+    (the lookup ``pssr eval`` and the Python API share), whose one-line error names ``--classifier``."""
     try:
-        _, info = checkpoint.load(path, kind=purifier_mod.KIND)
-        spec = purifier_mod.read_spec(info, path)
+        return purifier_mod.find_classifier(path, hint="pass it with --classifier PATH")
     except checkpoint.CheckpointError as exc:
         raise PurifyError(_one_line(exc)) from None
-    tried: list[Path] = []
-    for candidate in _classifier_candidates(Path(os.path.abspath(path)), spec):
-        if candidate in tried or not candidate.is_file():
-            continue
-        tried.append(candidate)
-        try:
-            tensors, _ = checkpoint.load(candidate, kind=classifiers.KIND)
-        except checkpoint.CheckpointError:
-            continue
-        if checkpoint.weights_sha256(tensors) == spec.classifier_sha256:
-            return candidate
-    wanted = spec.classifier_file or "its classifier"
-    others = f"; not {', '.join(map(str, tried[:3]))}" if tried else ""
-    raise PurifyError(f"{path}: cannot find the classifier it was trained with ({wanted}, weights sha256 "
-                      f"{spec.classifier_sha256[:12]}…){others}; pass it with --classifier PATH")
-
-
-def _classifier_candidates(path: Path, spec):
-    """The places find_classifier looks, in its order (files may be missing or repeated)."""
-    if spec.classifier_file:
-        yield path.parent / spec.classifier_file
-    named = _run_config_classifier(path.parent / "config.yaml")
-    if named:
-        shipped = purifier_mod.shipped_path(f"classifier-{named}")
-        if "/" not in named and shipped.is_file():
-            yield shipped
-        given = Path(named).expanduser()
-        yield given
-        if not given.is_absolute():
-            for folder in (path.parent, *path.parent.parents):
-                yield folder / given
-    if spec.classifier_file:
-        yield purifier_mod.shipped_path(Path(spec.classifier_file).stem)
-    if spec.dataset:
-        yield purifier_mod.shipped_path(f"classifier-{spec.dataset}")
-    yield from sorted(purifier_mod.shipped_path("classifier-x").parent.glob("classifier-*.safetensors"))
-
-
-def _run_config_classifier(config: Path) -> str | None:
-    """The ``classifier`` a training run's config.yaml names, if it is readable."""
-    if not config.is_file():
-        return None
-    import yaml
-
-    try:
-        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    named = doc.get("classifier") if isinstance(doc, dict) else None
-    return named if isinstance(named, str) and named else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,9 +121,10 @@ class AdaptiveConfig:
     """Adversarial examples made through the defense itself, with the G being trained.
 
     Examples made against f alone teach G to undo f's attack, not to resist an attacker who
-    differentiates through G (BPDA breaks such a G; README). With ``fraction`` > 0 that share of
-    every batch is attacked by PGD through the current defended model (``gradient``: bpda or
-    mask-fixed), as adversarial training does; the rest comes from f's attack (the cache).
+    differentiates through G (BPDA breaks such a G: docs/training.md, "What the shipped MNIST
+    purifier does under attack"). With ``fraction`` > 0 that share of every batch is attacked by
+    PGD through the current defended model (``gradient``: bpda or mask-fixed), as adversarial
+    training does; the rest comes from f's attack (the cache).
     """
 
     fraction: float = 0.0  # share of each batch attacked through the defense (0: off)
@@ -467,10 +468,12 @@ def _training_attack(key: str, text: str, dataset: str) -> attacks.AttackSpec:
 
 
 def _init_from(G: Regenerator, path: Path, rspec: RegeneratorSpec, classifier_sha: str) -> None:
-    """G's starting weights from a purifier checkpoint of the same size, for the same classifier."""
+    """G's starting weights from a purifier checkpoint of the same size, for the same classifier;
+    finite and of the shapes its spec names (``purifier.check_weights``, as when a purifier is loaded)."""
     try:
         tensors, info = checkpoint.load(path, kind=purifier.KIND)
         spec = purifier.read_spec(info, path)
+        purifier.check_weights(tensors, spec, path)
     except checkpoint.CheckpointError as exc:
         raise TrainError(f"regenerator.init: {exc}") from None
     if spec.classifier_sha256 != classifier_sha:

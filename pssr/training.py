@@ -49,6 +49,15 @@ def check_run_dir(out: Path, state_path: Path, resume: bool) -> None:
     if state_path.exists() and not resume:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not state_path.exists():
+        # `pssr train` stopped (Ctrl-C) while making its training attack, before the first step saved a
+        # state: the finished parts (or the whole cache) are kept, and a plain rerun starts from them
+        parts = out / "attack-cache.parts"
+        kept = len(list(parts.glob("*.safetensors"))) if parts.is_dir() else 0
+        if kept or (out / "attack-cache.safetensors").is_file():
+            made = f"{kept} finished part file(s) of the training attack are kept in {parts}" if kept else \
+                f"the training attack is kept in {out / 'attack-cache.safetensors'}"
+            raise TrainError(f"--resume: no {state_path} to resume from: the run stopped before its first step, "
+                             f"and {made}; rerun the same command without --resume, which continues from there")
         raise TrainError(f"--resume: no {state_path} to resume from")
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README's robustness tables: every defense (baselines and PSSR) under every attack and
-# threat model, on the shipped classifier of a data set. Two `pssr eval` runs, each resumable
-# with --state (rerun this script after an interruption: finished attack runs are skipped):
+# The robustness tables of docs/results.md (summed up in the README's table): every defense
+# (baselines and PSSR) under every attack and threat model, on the shipped classifier of a data
+# set. Two `pssr eval` runs, each resumable with --state (rerun this script after an
+# interruption: finished attack runs are skipped):
 # the baselines together (the oblivious attacks on the undefended classifier are made once for
 # all of them), then PSSR where a purifier for the data set ships. scripts/merge_eval.py joins
 # them (a defense's worst case only involves its own runs, and the oblivious attacks are seeded

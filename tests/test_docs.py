@@ -60,3 +60,28 @@ def test_relative_links_resolve(page):
             elif anchor and dest.suffix == ".md" and anchor not in set(anchors(dest)):
                 broken.append(target)
     assert not broken, f"{page.name}: {broken}"
+
+
+def test_the_readme_shows_what_the_main_job_prints(tmp_path, monkeypatch):
+    """The block after "It prints:" is exactly `pssr purify samples/ purified/`'s output (run on a copy
+    of samples/ from its parent folder, so the relative paths are the README's)."""
+    import shutil
+
+    import torch
+    from click.testing import CliRunner
+
+    from pssr_cli.main import cli
+
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"`pssr purify samples/ purified/` purifies.*?It prints:\n\n```\n(.*?)```", text, re.S)
+    assert m, "the README's main-job section lost its output block"
+    shutil.copytree(REPO / "samples", tmp_path / "samples")
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = CliRunner().invoke(cli, ["purify", "samples/", "purified/", "-q"])
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == m.group(1), f"README:\n{m.group(1)}\nprinted:\n{r.stdout}"

@@ -1,5 +1,6 @@
 """`pssr train`: a short real run lowers the loss, resume is exact, DDP runs on 2 CPU processes."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -241,6 +242,38 @@ def test_regenerator_init_starts_from_a_checkpoint_and_checks_it(tmp_path, monke
         train_purifier.run(tiny_config("adaptive.attack=fgsm"), tmp_path / "a", data_root=DATA, quiet=True)
 
 
+@pytest.mark.parametrize("flaw", ["nan", "inf", "shape"])
+def test_regenerator_init_refuses_non_finite_or_misfit_weights(tmp_path, flaw):
+    """regenerator.init went straight to G.load_state_dict: NaN/Inf weights trained on (and a file whose
+    weights do not fit its own spec gave a RuntimeError traceback). Now purifier.check_weights runs
+    first: `pssr train` stops with one line naming the file, before any training or attack cache."""
+    cfg = tiny_config()
+    f, cspec = classifiers.load(purifier.shipped_path("classifier-mnist"))
+    rspec = RegeneratorSpec(1, cfg.regenerator.width, cfg.regenerator.dropout, cfg.regenerator.input_bits)
+    tensors = Regenerator(rspec).state_dict()
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    if flaw == "shape":
+        tensors[name] = torch.zeros(*tensors[name].shape[:-1], tensors[name].shape[-1] + 1)
+    else:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float(flaw)
+    spec = purifier.PurifierSpec(rspec, cfg.surgery, checkpoint.weights_sha256(f.state_dict()),
+                                 "classifier-mnist.safetensors", "mnist")
+    init = tmp_path / "bad.safetensors"
+    checkpoint.save(init, tensors, {"kind": purifier.KIND, "spec": dataclasses.asdict(spec)})
+    args = [f"{k}" for o in TINY for k in ("--set", o)]
+    r = CliRunner().invoke(cli, ["train", "mnist", *args, "--set", "train.max_steps=1", "--set",
+                                 f"regenerator.init={init}", "--data-root", DATA, "--out", str(tmp_path / "run"), "-q"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "Traceback" not in r.output, r.output
+    assert r.output.startswith("Error: regenerator.init: ") and str(init) in r.output, r.output
+    assert ("non-finite weights" if flaw != "shape" else "do not fit the regenerator") in r.output, r.output
+    assert not (tmp_path / "run" / "attack-cache.safetensors").exists()
+    assert not (tmp_path / "run" / "purifier.safetensors").exists()
+    with pytest.raises(train_purifier.TrainError, match="regenerator.init: .*bad.safetensors"):
+        train_purifier.run(tiny_config("train.max_steps=1", f"regenerator.init={init}"), tmp_path / "run2",
+                           data_root=DATA, quiet=True)
+
+
 def _attack_and_surgery(cfg):
     f, _ = classifiers.load(purifier.shipped_path("classifier-mnist"))
     return f, attacks.parse_attack(cfg.attack, "mnist"), PixelSurgery(f, cfg.surgery)
@@ -469,7 +502,42 @@ def test_ctrl_c_while_the_attack_cache_is_made_says_how_to_continue(tmp_path, mo
     assert "rerun the same command, without --resume" in r.output and len(r.output.strip().splitlines()) == 1
     assert len(list((out / "attack-cache.parts").glob("*.safetensors"))) == 2
     made.clear()
+    r = CliRunner().invoke(cli, [*args, "--resume"])  # what a user tries first: refused, pointing at the rerun
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "2 finished part file(s)" in r.output and "without --resume" in r.output, r.output
+    assert not made  # refused before any attack ran
     r = CliRunner().invoke(cli, args)  # the plain rerun the message asks for
     assert r.exit_code == 0, r.output
     assert made == [attack_cache.chunk_seed(0, 2), attack_cache.chunk_seed(0, 3)]  # only the rest
     assert (out / "attack-cache.safetensors").is_file() and not (out / "attack-cache.parts").exists()
+
+
+def test_resume_without_state_but_with_attack_parts_says_rerun_plainly(tmp_path):
+    """--resume after a Ctrl-C during the attack cache: no state.safetensors yet, but finished parts in
+    OUT/attack-cache.parts/ (or the whole cache). The one-line refusal says that a plain rerun (without
+    --resume) continues from them; a folder with neither keeps the short message."""
+    from pssr.training import TrainError, check_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    state = out / "state.safetensors"
+    with pytest.raises(TrainError, match=r"^--resume: no .*state.safetensors to resume from$"):
+        check_run_dir(out, state, resume=True)
+    (out / "attack-cache.parts").mkdir()
+    with pytest.raises(TrainError, match=r"to resume from$"):  # an empty parts folder: nothing kept
+        check_run_dir(out, state, resume=True)
+    for i in range(3):
+        (out / "attack-cache.parts" / f"chunks-{i:06d}-{i:06d}.safetensors").write_bytes(b"")
+    args = ["train", "mnist", "--data-root", DATA, "--out", str(out), "--resume", "-q"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    text = " ".join(r.output.split())
+    assert "3 finished part file(s) of the training attack are kept in" in text, text
+    assert "rerun the same command without --resume, which continues from there" in text, text
+    for file in (out / "attack-cache.parts").iterdir():
+        file.unlink()
+    (out / "attack-cache.safetensors").write_bytes(b"")
+    with pytest.raises(TrainError, match="the training attack is kept in .*attack-cache.safetensors; rerun the "
+                                         "same command without --resume"):
+        check_run_dir(out, state, resume=True)
+    check_run_dir(out, state, resume=False)  # the plain rerun starts
