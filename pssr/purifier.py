@@ -26,6 +26,7 @@ from . import checkpoint, classifiers
 from .defenses import Defense, DefenseError
 from .errors import first_line
 from .regeneration import Regenerator, RegeneratorSpec, compose
+from .regeneration import build as build_regenerator
 from .surgery import GRADIENTS, PixelSurgery, SurgeryConfig
 
 KIND = "purifier"
@@ -83,6 +84,18 @@ def save(path, regenerator: Regenerator, spec: PurifierSpec) -> None:
     checkpoint.save(path, regenerator.state_dict(), info)
 
 
+def save_inpainting(path, classifier_path, surgery: SurgeryConfig, sigma: float = 1.0, *,
+                    trust_arch: bool = False) -> PurifierSpec:
+    """A purifier whose regenerator is the normalized-convolution inpainting (``pssr.inpainting``),
+    bound to the classifier at ``classifier_path``: nothing to train, the baseline for every G."""
+    f, cspec = classifiers.load(classifier_path, trust_arch=trust_arch)
+    spec = PurifierSpec(RegeneratorSpec(cspec.in_channels, kind="normconv", sigma=sigma), surgery,
+                        checkpoint.weights_sha256(f.state_dict()), Path(classifier_path).name, cspec.dataset,
+                        extra={"regenerator": f"normalized-convolution inpainting, sigma {sigma:g} (not learned)"})
+    save(path, build_regenerator(spec.regenerator), spec)
+    return spec
+
+
 def _regenerator_spec(raw) -> RegeneratorSpec:
     """G's spec from metadata, type- and bound-checked: its width sizes what loading allocates."""
     raw = dict(checkpoint.mapping(raw, "regenerator"))
@@ -90,6 +103,10 @@ def _regenerator_spec(raw) -> RegeneratorSpec:
     raw["width"] = checkpoint.integer(raw.get("width", 32), "regenerator width", 1, MAX_WIDTH)
     raw["dropout"] = checkpoint.number(raw.get("dropout", 0.1), "regenerator dropout")
     raw["input_bits"] = checkpoint.integer(raw.get("input_bits", 0), "regenerator input_bits", 0, 8)
+    if "kind" in raw:
+        checkpoint.text(raw["kind"], "regenerator kind")
+    if "sigma" in raw:
+        raw["sigma"] = checkpoint.number(raw["sigma"], "regenerator sigma")
     return RegeneratorSpec(**raw)
 
 
@@ -124,7 +141,7 @@ def check_weights(tensors: dict[str, torch.Tensor], spec: PurifierSpec, path) ->
     spec larger than its weights allocates nothing)."""
     checkpoint.check_finite(tensors, path)
     with torch.device("meta"):
-        want = Regenerator(spec.regenerator).state_dict()
+        want = build_regenerator(spec.regenerator).state_dict()
     problems = classifiers.fit_problems(want, tensors)
     if problems:
         raise checkpoint.CheckpointError(f"{path}: the weights do not fit the regenerator ({'; '.join(problems)})")
@@ -247,7 +264,7 @@ def bind(classifier, cspec, tensors, spec: PurifierSpec, path, cpath, device="cp
                                          f"{cspec.in_channels}-channel classifier")
     check_weights(tensors, spec, path)
     try:
-        regenerator = Regenerator(spec.regenerator)
+        regenerator = build_regenerator(spec.regenerator)
         regenerator.load_state_dict(tensors)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise checkpoint.CheckpointError(f"{path}: weights do not fit the regenerator ({first_line(exc)})") from None

@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inpainting import NormalizedConvolution
+
+
+KINDS = ("unet", "normconv")
+
 
 @dataclass(frozen=True)
 class RegeneratorSpec:
@@ -33,8 +38,16 @@ class RegeneratorSpec:
     # (the kept pixels themselves still reach f unchanged). Straight-through backward, so attacks
     # keep a useful gradient (BPDA for the rounding) and no robustness comes from masked gradients.
     input_bits: int = 0
+    # "unet": the learned G above; "normconv": pssr.inpainting's normalized-convolution fill (no
+    # weights; width, dropout and input_bits unused), the regenerator an attacker cannot steer
+    kind: str = "unet"
+    sigma: float = 1.0  # normconv: the Gaussian's σ in pixels
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"regenerator kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not 0.3 <= self.sigma <= 8:
+            raise ValueError("regenerator sigma must be in [0.3, 8]")
         if self.channels < 1 or self.width < 1:
             raise ValueError("regenerator channels and width must be >= 1")
         if not 0 <= self.dropout < 1:
@@ -110,6 +123,13 @@ class Regenerator(nn.Module):
         deep = self.context(self.down(skip))
         up = F.interpolate(deep, size=skip.shape[-2:], mode="nearest")
         return _ClampInward.apply(self.out(self.decode(torch.cat([up, skip], dim=1))))
+
+
+def build(spec: RegeneratorSpec) -> nn.Module:
+    """The regenerator ``spec`` describes: the learned U-Net, or the inpainting (no weights)."""
+    if spec.kind == "normconv":
+        return NormalizedConvolution(spec.sigma)
+    return Regenerator(spec)
 
 
 def compose(x_s: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:

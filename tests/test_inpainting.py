@@ -54,3 +54,19 @@ def test_nothing_kept_gives_grey_and_soft_masks_threshold_at_half():
     hard = normalized_convolution(x * ~mask, mask)
     soft = normalized_convolution(x * ~mask, mask.float() * 0.8 + 0.1)
     assert torch.allclose(hard, soft)
+
+
+def test_an_inpainting_purifier_saves_loads_and_purifies(tmp_path):
+    from pssr import purifier
+    from pssr.surgery import SurgeryConfig
+
+    shipped = purifier.shipped_path("classifier-mnist")
+    path = tmp_path / "inpaint.safetensors"
+    spec = purifier.save_inpainting(path, shipped, SurgeryConfig(alpha=2.0), sigma=1.5)
+    p, loaded, _ = purifier.load(path, shipped)
+    assert loaded.regenerator.kind == "normconv" and loaded.regenerator.sigma == 1.5 and loaded == spec
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = p.purify(x)
+    keep = ~out.mask.expand_as(x)
+    assert 0 < out.mask.float().mean() < 1 and torch.equal(out.x_hat[keep], x[keep])
+    assert torch.allclose(out.x_hat, normalized_convolution(out.x_s, out.mask, 1.5))
