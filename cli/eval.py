@@ -24,13 +24,16 @@ from pssr.defenses import DefenseError
               help="Defense, e.g. jpeg:quality=50, pssr or pssr:path=FILE (repeatable). Default: "
                    + ", ".join(evaluate.DEFAULT_DEFENSES) + " (pssr where a shipped purifier fits the classifier).")
 @click.option("--attack", "attacks", multiple=True, metavar="SPEC",
-              help="Attack, e.g. pgd or pgd:eps=0.1,steps=10 (repeatable). Default: the data set's presets.")
+              help="Attack, e.g. pgd or pgd:eps=0.1,steps=10 (repeatable). Default: the data set's presets. "
+                   "Sparse threat models (Sparse-RS, score-based, 1000 queries; n_queries=, n_restarts=): sparse-rs "
+                   "changes at most k = 10 pixels (sparse-rs:eps=24 for k = 24), sparse-rs-patch pastes one 5x5 "
+                   "patch (sparse-rs-patch:eps=8 for 8x8); both run on the first --limit-expensive images.")
 @click.option("--threat", "threats", multiple=True, type=click.Choice(evaluate.THREATS),
               help="Threat model (repeatable). Default: all.")
 @click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Test images (the first N) for clean accuracy and the cheap attacks.")
 @click.option("--limit-expensive", type=click.IntRange(min=1), default=200, show_default=True,
-              help="The first M of them for AutoAttack, Square, EOT runs and the tvm defense.")
+              help="The first M of them for AutoAttack, Square, Sparse-RS, EOT runs and the tvm defense.")
 @click.option("--eot", type=click.IntRange(min=1), default=8, show_default=True,
               help="Draws of a randomized defense per gradient in the eot threat model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds every run (deterministic on the CPU).")

@@ -31,7 +31,7 @@ accepts a perturbation larger than the preset's ε). So every row's robust accur
 clean accuracy of its defense on the same images.
 
 Sizes: ``limit`` images (default 1000) for clean accuracy and the cheap attacks; the first
-``limit_expensive`` of them (default 200) for AutoAttack, Square, every EOT run and every run of the
+``limit_expensive`` of them (default 200) for AutoAttack, Square, Sparse-RS, every EOT run and every run of the
 TV-minimisation defense (DESIGN.md §9). Every record states its n; a defense's worst case is taken
 over the first n images that all of its runs saw.
 
@@ -83,7 +83,9 @@ GRADIENT_THREATS: dict[str, str] = {"bpda": "bpda", "mask-fixed": "mask-fixed", 
 EXPENSIVE_THREATS = frozenset({"eot", "soft-mask"})
 DEFAULT_DEFENSES: tuple[str, ...] = ("none", "jpeg", "bit-depth:bits=4", "bit-depth:bits=1", "median", "tvm", "pssr")
 # Runs on only the first `limit_expensive` images (DESIGN.md §9): these attacks, these defenses, EOT.
-EXPENSIVE_ATTACKS = frozenset({"autoattack", "square"})
+EXPENSIVE_ATTACKS = attacks.EXPENSIVE_ATTACKS  # the registry rows marked expensive: AutoAttack, Square, Sparse-RS
+# The expensive attacks before Sparse-RS: a state file records the others only when they run (see defining_options).
+_FIRST_EXPENSIVE = frozenset({"autoattack", "square"})
 EXPENSIVE_DEFENSES = frozenset({"tvm"})
 SUBSET_RULE = "first N test images (expensive runs: the first M of them)"
 
@@ -125,6 +127,7 @@ class Record:
     robust_accuracy: float
     mean_linf: float
     mean_l2: float
+    mean_l0: float | None  # changed pixels (any channel); None for a --state run stored before pssr kept L0
     seconds: float  # oblivious: includes the shared attack run on the undefended classifier
 
 
@@ -144,6 +147,13 @@ class WorstCase:
 
 
 @dataclass
+class NormWorstCase(WorstCase):
+    """The per-example worst case over the runs of one threat model's attacks."""
+
+    norm: str = ""  # attacks.AttackSpec.norm: Linf, L2, L0 or patch
+
+
+@dataclass
 class Result:
     config: dict
     classifier: dict
@@ -151,6 +161,7 @@ class Result:
     records: list[Record] = field(default_factory=list)
     clean: list[Clean] = field(default_factory=list)
     worst_case: list[WorstCase] = field(default_factory=list)
+    worst_case_by_norm: list[NormWorstCase] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -160,6 +171,7 @@ class Result:
             "records": [dataclasses.asdict(r) for r in self.records],
             "clean": [dataclasses.asdict(c) for c in self.clean],
             "worst_case": [dataclasses.asdict(w) for w in self.worst_case],
+            "worst_case_by_norm": [dataclasses.asdict(w) for w in self.worst_case_by_norm],
             "seed": self.seed,
             "seconds": self.seconds,
         }
@@ -178,6 +190,7 @@ class Scored:
     linf: torch.Tensor | None = None  # float64, (n,)
     l2: torch.Tensor | None = None
     seconds: float = 0.0
+    l0: torch.Tensor | None = None  # float64 changed pixels; None for a clean pass or a unit of state version 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +310,8 @@ def check_output_path(path: str | None, option: str) -> None:
 # Resume state (--state)
 
 STATE_KIND = "eval-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: adds the L0 vectors; files of version 1 are read (their runs report no L0)
+_READABLE_STATES = (1, 2)
 # Resolved-config keys that do not change a number (the classifier and data enter by digest).
 NOT_DEFINING = frozenset({"classifier", "data_root", "torch", "pssr", "python", "threads", "device"})
 
@@ -311,6 +325,9 @@ def defining_options(resolved: dict, classifier_sha256: str, data, defenses: lis
     options = {k: v for k, v in resolved.items() if k not in NOT_DEFINING}
     if not options.get("fold_batchnorm"):  # only when on, so that states made before it stay valid
         options.pop("fold_batchnorm", None)
+    if "expensive_attacks" in options:  # later expensive attacks only when run, so that states made before stay valid
+        ran = {attacks.parse_attack(a, resolved.get("preset_dataset", "")).name for a in resolved.get("attacks", ())}
+        options["expensive_attacks"] = [a for a in options["expensive_attacks"] if a in _FIRST_EXPENSIVE or a in ran]
     options.update(classifier_sha256=classifier_sha256, data_sha256=digest.hexdigest(),
                    defense_weights=_defense_weights(defenses))
     revisions = {d.name: d.defense.revision for d in defenses if d.defense.revision != 1}
@@ -337,7 +354,7 @@ def _brief(value) -> str:
 class State:
     """The finished units of one evaluation, in a safetensors file rewritten after each unit.
 
-    Tensors ``{unit}.{entry}.robust`` (bool) and ``.linf``/``.l2`` (float64); the metadata
+    Tensors ``{unit}.{entry}.robust`` (bool) and ``.linf``/``.l2``/``.l0`` (float64); the metadata
     (``pssr`` key, JSON) holds the defining options and, per unit, its key and per entry the
     defense, threat and seconds. Units are keyed (attack, defense, threat), a clean pass
     ("clean", defense)."""
@@ -364,7 +381,7 @@ class State:
             units.append({"key": list(key), "entries": [
                 {"defense": s.defense, "threat": s.threat, "seconds": s.seconds} for s in scored]})
             for e, s in enumerate(scored):
-                for name in ("robust", "linf", "l2"):
+                for name in ("robust", "linf", "l2", "l0"):
                     if getattr(s, name) is not None:
                         tensors[f"{u}.{e}.{name}"] = getattr(s, name)
         info = {"kind": STATE_KIND, "state_version": STATE_VERSION, "options": self.options, "units": units}
@@ -378,9 +395,9 @@ class State:
             tensors, info = checkpoint.load(self.path, kind=STATE_KIND)
         except checkpoint.CheckpointError as exc:
             raise EvalError(f"--state: {exc}") from None
-        if info.get("state_version") != STATE_VERSION:
+        if info.get("state_version") not in _READABLE_STATES:
             raise EvalError(f"--state {self.path}: state version {info.get('state_version')!r}, this pssr reads "
-                            f"{STATE_VERSION}; delete it to start over")
+                            f"{' or '.join(map(str, _READABLE_STATES))}; delete it to start over")
         self._check_options(info.get("options"))
         try:
             self.units = {tuple(u["key"]): self._unit(tensors, i, u) for i, u in enumerate(info["units"])}
@@ -413,15 +430,17 @@ class State:
             raise ValueError(f"tensor {u}.{e}.robust missing")
         robust = tensors[f"{u}.{e}.robust"]
         norms = [tensors.get(f"{u}.{e}.{name}") for name in ("linf", "l2")]
+        l0 = tensors.get(f"{u}.{e}.l0")  # absent in version 1
         n = len(robust) if robust.dim() == 1 else -1
         if entry["defense"] not in self.options["defenses"] or entry["threat"] not in (*THREATS, "clean"):
             raise ValueError(f"unit {u}: unknown defense or threat")
         if robust.dtype != torch.bool or not 0 < n <= self.options["n"]:
             raise ValueError(f"unit {u}: bad robust vector")
         if (entry["threat"] == "clean") != (norms == [None, None]) or any(
-                t is not None and (t.dtype != torch.float64 or t.shape != (n,)) for t in norms):
+                t is not None and (t.dtype != torch.float64 or t.shape != (n,)) for t in [*norms, l0]) or (
+                l0 is not None and norms[0] is None):
             raise ValueError(f"unit {u}: bad norm vectors")
-        return Scored(entry["defense"], entry["threat"], robust, *norms, seconds=float(entry["seconds"]))
+        return Scored(entry["defense"], entry["threat"], robust, *norms, seconds=float(entry["seconds"]), l0=l0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,6 +491,8 @@ class _Evaluation:
         self.alive: dict[str, torch.Tensor] = {}
         self.worst_n: dict[str, int] = {}
         self.runs: dict[str, int] = {}
+        self.by_norm: dict[tuple[str, str], NormWorstCase] = {}  # (defense, norm) -> its worst case so far
+        self.alive_norm: dict[tuple[str, str], torch.Tensor] = {}
 
     def size(self, d: _Defense) -> int:
         """Images a defense is evaluated on: the first M for an expensive one, else N."""
@@ -518,8 +539,8 @@ class _Evaluation:
         except (RuntimeError, ValueError, TypeError) as exc:
             raise EvalError(f"scoring {a.text} on {d.name} ({threat}) failed: {first_line(exc)}") from exc
         robust = torch.as_tensor(robust, dtype=torch.bool).reshape(-1)[:n] & self.clean_ok[d.name][:n]
-        linf, l2 = (torch.as_tensor(v, dtype=torch.float64) for v in attacks.perturbation_norms(x, x_adv))
-        return Scored(d.name, threat, robust, linf, l2, seconds + time.perf_counter() - start)
+        linf, l2, l0 = (torch.as_tensor(v, dtype=torch.float64) for v in attacks.perturbation_norms(x, x_adv))
+        return Scored(d.name, threat, robust, linf, l2, seconds + time.perf_counter() - start, l0=l0)
 
     def add(self, a: _Attack, s: Scored) -> None:
         """Record one scoring: its row, and its examples' share of the defense's worst case."""
@@ -529,8 +550,14 @@ class _Evaluation:
         self.runs[s.defense] += 1
         self.records.append(Record(
             s.defense, a.text, a.spec.label(), s.threat, n, s.robust.float().mean().item(),
-            s.linf.mean().item(), s.l2.mean().item(), s.seconds,
+            s.linf.mean().item(), s.l2.mean().item(), None if s.l0 is None else s.l0.mean().item(), s.seconds,
         ))
+        key = (s.defense, a.spec.norm)  # the same per threat model (L∞, L2, L0, patch)
+        alive = self.alive_norm.setdefault(key, self.clean_ok[s.defense].clone())
+        alive[:n] &= s.robust
+        w = self.by_norm.setdefault(key, NormWorstCase(s.defense, len(alive), 0.0, 0, a.spec.norm))
+        w.n, w.runs = min(w.n, n), w.runs + 1
+        w.robust_accuracy = alive[:w.n].float().mean().item()
 
     def shared(self, a: _Attack, tag: str, identity: list[_Defense], transfer: list[_Defense]) -> list[Scored]:
         """The attack on the undefended classifier, scored on the identity defenses (under tag)
@@ -681,6 +708,9 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
     order_a = {a.text: i for i, a in enumerate(atts)}
     result.records = sorted(ev.records, key=lambda r: (order_d[r.defense], order_a[r.attack], THREATS.index(r.threat)))
     result.worst_case = [ev.worst_case(d) for d in defenses]
+    norms = ("Linf", "L2", "L0", "patch")
+    result.worst_case_by_norm = sorted(ev.by_norm.values(), key=lambda w: (
+        order_d[w.defense], norms.index(w.norm) if w.norm in norms else len(norms), w.norm))
     result.seconds = time.perf_counter() - started
     try:
         if json_path:

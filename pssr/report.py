@@ -42,7 +42,8 @@ def _header(doc: dict) -> list[str]:
     c, k = doc["config"], doc["classifier"]
     n, m = c.get("n"), c.get("n_expensive")
     threats = {"eot": "EOT", "soft-mask": "soft-mask"}
-    expensive = ", ".join(["AutoAttack", "Square", *(threats[t] for t in c.get("expensive_threats", ["eot"])),
+    sparse = ["Sparse-RS"] if any(str(a).startswith("sparse-rs") for a in c.get("attacks", [])) else []
+    expensive = ", ".join(["AutoAttack", "Square", *sparse, *(threats[t] for t in c.get("expensive_threats", ["eot"])),
                            *c.get("expensive_defenses", [])])
     return [
         f"pssr eval · {k.get('arch')} classifier {k.get('path')} (weights sha256 {str(k.get('sha256'))[:12]})",
@@ -74,7 +75,7 @@ def _run_rows(doc: dict) -> list[tuple]:
     rows = []
     for r in doc["records"]:
         rows.append((r["defense"], r["attack_label"], r["threat"], str(r["n"]), _pct(r["robust_accuracy"]),
-                     _num(r["mean_linf"]), _num(r["mean_l2"]), f"{r['seconds']:.1f}"))
+                     _num(r["mean_linf"]), _num(r["mean_l2"]), _num(r.get("mean_l0")), f"{r['seconds']:.1f}"))
     return rows
 
 
@@ -90,7 +91,7 @@ def _defense_rows(doc: dict) -> list[tuple]:
     return rows
 
 
-RUN_HEAD = ("defense", "attack", "threat", "n", "robust acc", "mean L∞", "mean L2", "seconds")
+RUN_HEAD = ("defense", "attack", "threat", "n", "robust acc", "mean L∞", "mean L2", "mean L0", "seconds")
 DEFENSE_HEAD = ("defense", "n", "clean acc", "n", "worst case", "runs")
 
 
@@ -101,7 +102,8 @@ def _notes(doc: dict) -> list[str]:
     return lines + [
         "robust acc: correct on the clean image and on its adversarial example (CW, DeepFool: or the attack "
         "needed a perturbation larger than the preset's eps); seconds: attack + classification (oblivious rows "
-        "include the one shared attack run).",
+        "include the one shared attack run); mean L0: changed pixels (a pixel counts once whatever its channels; "
+        "'-' for runs resumed from a --state file older than L0).",
         "worst case: an image counts only if it is correct clean and survives every attack under every threat "
         "model that ran on it; over the first n images, which all of that defense's runs saw.",
     ] + chance_warnings(doc) + eps_warnings(doc)
@@ -190,18 +192,55 @@ def _md_table(head: tuple, rows: list[tuple], left: int) -> list[str]:
     return ["| " + " | ".join(map(esc, row)) + " |" for row in [head, align, *rows]]
 
 
+NORM_GROUPS = {"Linf": "L∞", "L2": "L2", "L0": "L0", "patch": "patch"}  # the summary's threat-model groups, in order
+
+
+def attack_norms(result) -> dict[str, str]:
+    """Attack label -> its threat model (attacks.AttackSpec.norm; "" for one this pssr cannot read)."""
+    from pssr.attacks import AttackError, parse_attack
+
+    doc = _doc(result)
+    dataset = doc["config"].get("preset_dataset") or doc["config"].get("dataset") or ""
+    out: dict[str, str] = {}
+    for r in doc["records"]:
+        if r["attack_label"] not in out:
+            try:
+                out[r["attack_label"]] = parse_attack(r["attack"], dataset).norm
+            except AttackError:
+                out[r["attack_label"]] = ""
+    return out
+
+
+def _grouped(doc: dict, attacks: list[str]) -> list[tuple[str, list[str]]]:
+    """The attacks in threat-model groups (L∞, L2, L0, patch, then any other), each in its order."""
+    norms = attack_norms(doc)
+    order = [*NORM_GROUPS, *dict.fromkeys(n for n in norms.values() if n not in NORM_GROUPS)]
+    groups = [(g, [a for a in attacks if norms.get(a, "") == g]) for g in order]
+    return [(g, labels) for g, labels in groups if labels]
+
+
 def summary_rows(result) -> tuple[tuple, list[tuple]]:
     """(head, rows) of the compact view: one row per attack (plus clean and worst case), one column
     per defense; a cell is "oblivious / strongest other threat model (its name)", so a defense's
-    non-adaptive number never stands without its adaptive one."""
+    non-adaptive number never stands without its adaptive one. With attacks of more than one threat
+    model, they come in groups (L∞, L2, L0, patch), each closed by its per-example worst case."""
     doc = _doc(result)
     defenses = [c["defense"] for c in doc["clean"]]
     attacks = list(dict.fromkeys(r["attack_label"] for r in doc["records"]))
+    groups = _grouped(doc, attacks)
+    by_norm = {(w["defense"], w["norm"]): w for w in doc.get("worst_case_by_norm", [])}
     cells: dict = {}
     for r in doc["records"]:
         cells.setdefault((r["defense"], r["attack_label"]), []).append(r)
     n = doc["clean"][0]["n"]  # the evaluation's image count; cells on fewer images say so
     rows = [("clean", *(_pct(c["accuracy"]) + (f" (n={c['n']})" if c["n"] != n else "") for c in doc["clean"]))]
+    closing = {}  # last attack of a group -> the group's worst-case row
+    if len(groups) > 1:
+        for norm, labels in groups:
+            closing[labels[-1]] = (f"*worst case, {NORM_GROUPS.get(norm, norm or 'other')} attacks, per example*", *(
+                f"*{_pct(by_norm[(d, norm)]['robust_accuracy'])}* (n={by_norm[(d, norm)]['n']})"
+                if (d, norm) in by_norm else "–" for d in defenses))
+        attacks = [a for _, labels in groups for a in labels]
     for label in attacks:
         ns = {r["n"] for d in defenses for r in cells.get((d, label), [])}
         row = [label + (f" (n={min(ns)})" if len(ns) == 1 and min(ns) != n else "")]
@@ -216,6 +255,8 @@ def summary_rows(result) -> tuple[tuple, list[tuple]]:
                 text += f" / {_pct(worst['robust_accuracy'])} ({worst['threat']}{n_note})"
             row.append(text)
         rows.append(tuple(row))
+        if label in closing:
+            rows.append(closing[label])
     worst = {w["defense"]: w for w in doc["worst_case"]}
     rows.append(("**worst case, per example**", *(
         f"**{_pct(worst[d]['robust_accuracy'])}** (n={worst[d]['n']})" if d in worst else "–" for d in defenses)))
@@ -228,7 +269,10 @@ def format_markdown(result) -> str:
     lines = ["# pssr eval", ""] + [f"{h}  " for h in _header(doc)] + ["", "## Summary", ""]
     head, rows = summary_rows(doc)
     lines += _md_table(head, rows, left=1) + ["", "Cells: robust accuracy under the oblivious (transfer) attack / "
-                                                "under the strongest other threat model that ran (named)."]
+                                                "under the strongest other threat model that ran (named)."
+                                                + (" Attacks are grouped by threat model (L∞, L2, L0 pixels, patch), "
+                                                   "each group closed by its per-example worst case."
+                                                   if any(r[0].startswith("*worst case,") for r in rows) else "")]
     lines += ["", "## Robust accuracy per attack", ""]
     lines += _md_table(RUN_HEAD, _run_rows(doc), left=3) if doc["records"] else ["(no attack runs)"]
     lines += ["", "## Clean accuracy and per-example worst case", ""]

@@ -21,21 +21,22 @@ def merge(docs: list[dict]) -> dict:
         if d["classifier"]["sha256"] != first["classifier"]["sha256"] or any(
                 d["config"].get(k) != first["config"].get(k) for k in keys):
             sys.exit("merge_eval: the reports differ in classifier, data set, seed or limits")
-    seen, clean, worst, records = set(), [], [], []
+    seen, clean, worst, by_norm, records = set(), [], [], [], []
     for d in docs:
         for c in d["clean"]:
             if c["defense"] in seen:
                 continue
             clean.append(c)
             worst += [w for w in d["worst_case"] if w["defense"] == c["defense"]]
+            by_norm += [w for w in d.get("worst_case_by_norm", []) if w["defense"] == c["defense"]]
             records += [r for r in d["records"] if r["defense"] == c["defense"]]
             seen.add(c["defense"])
     config = dict(first["config"])
     config["defenses"] = [c["defense"] for c in clean]
     config["threats"] = list(dict.fromkeys(t for d in docs for t in d["config"]["threats"]))
     config["attacks"] = list(dict.fromkeys(a for d in docs for a in d["config"]["attacks"]))
-    return {**first, "config": config, "clean": clean, "worst_case": worst, "records": records,
-            "seconds": sum(d["seconds"] for d in docs)}
+    return {**first, "config": config, "clean": clean, "worst_case": worst, "worst_case_by_norm": by_norm,
+            "records": records, "seconds": sum(d["seconds"] for d in docs)}
 
 
 def main() -> None:

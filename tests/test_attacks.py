@@ -72,7 +72,8 @@ def accuracy(model, x, y):
 def test_presets_follow_design_section_5():
     m = {n: A.preset(n, "mnist") for n in A.ATTACKS}
     c = {n: A.preset(n, "cifar10") for n in A.ATTACKS}
-    assert set(A.ATTACKS) == {"fgsm", "pgd", "pgd100", "pgd-l2", "cw", "deepfool", "mifgsm", "autoattack", "square"}
+    assert set(A.ATTACKS) == {"fgsm", "pgd", "pgd100", "pgd-l2", "cw", "deepfool", "mifgsm", "autoattack", "square",
+                              "sparse-rs", "sparse-rs-patch"}
     assert m["pgd"].kwargs == {"eps": 0.3, "alpha": 0.01, "steps": 40, "random_start": True}
     assert c["pgd"].kwargs == {"eps": 8 / 255, "alpha": 2 / 255, "steps": 20, "random_start": True}
     assert c["pgd100"].kwargs["steps"] == 100 and c["pgd100"].eps == 8 / 255
@@ -84,14 +85,31 @@ def test_presets_follow_design_section_5():
     for specs in (m, c):
         for name, s in specs.items():
             assert s.name == name and s.params == tuple(sorted(s.params)) and hash(s) == hash(A.preset(name, "mnist" if specs is m else "cifar10"))
-            assert s.minimal_norm == (name in ("cw", "deepfool")) and s.gradient_free == (name == "square")
-            assert s.norm == ("L2" if name in ("cw", "deepfool", "pgd-l2") else "Linf")
+            assert s.minimal_norm == (name in ("cw", "deepfool"))
+            assert s.gradient_free == (name in ("square", "sparse-rs", "sparse-rs-patch"))
+            norms = {"cw": "L2", "deepfool": "L2", "pgd-l2": "L2", "sparse-rs": "L0", "sparse-rs-patch": "patch"}
+            assert s.norm == norms.get(name, "Linf")
             assert ("eps" in s.kwargs) != s.minimal_norm  # eps is a torchattacks kwarg only when it bounds the attack
     assert A.preset("pgd", "cifar100") == A.preset("pgd", "svhn") == c["pgd"]
     assert A.preset("PGD", "MNIST") == m["pgd"]
     assert set(A.default_attacks("mnist")) == {"fgsm", "pgd", "cw", "deepfool", "autoattack"}
     assert set(A.default_attacks("cifar10")) == {"fgsm", "pgd", "pgd100", "cw", "deepfool", "autoattack", "pgd-l2"}
     assert A.default_attacks("cifar100") == A.default_attacks("cifar10")
+    # issue 17's sparse presets: k = 10 and 24 pixels, 5x5 patches, 8x8 on CIFAR-10; >= 1000 queries
+    for specs in (m, c):
+        assert (specs["sparse-rs"].eps, specs["sparse-rs-patch"].eps) == (10, 5)
+        assert specs["sparse-rs"].kwargs == {"eps": 10, "n_queries": 1000, "n_restarts": 1, "p_init": 0.3, "loss": "margin"}
+        assert specs["sparse-rs-patch"].kwargs["p_init"] == 0.4 and specs["sparse-rs-patch"].kwargs["n_queries"] >= 1000
+    assert A.sparse_attacks("mnist") == ["sparse-rs", "sparse-rs:eps=24", "sparse-rs-patch"]
+    assert A.sparse_attacks("cifar10") == [*A.sparse_attacks("mnist"), "sparse-rs-patch:eps=8"]
+    assert A.EXPENSIVE_ATTACKS == {"autoattack", "square", "sparse-rs", "sparse-rs-patch"}
+
+
+def test_trainable_rows_are_the_purifier_trainers_attacks():
+    from pssr import train_purifier
+
+    assert A.TRAINABLE_ATTACKS == set(train_purifier.TRAINING_ATTACKS)
+    assert not A.TRAINABLE_ATTACKS & {"sparse-rs", "sparse-rs-patch", "square"}
 
 
 @pytest.mark.parametrize(
@@ -112,6 +130,9 @@ def test_presets_follow_design_section_5():
         ("autoattack:steps=10", "mnist", "AutoAttack L∞ ε=0.3 (non-standard: steps=10)"),
         ("square", "mnist", f"Square L∞ ε=0.3 ({A.SQUARE_QUERIES} queries)"),
         ("pgd:eps=0.2,steps=7", "mnist", "PGD-7 L∞ ε=0.2"),
+        ("sparse-rs", "cifar10", "Sparse-RS L0 k=10 (1000 queries)"),
+        ("sparse-rs:eps=24,n_restarts=2", "mnist", "Sparse-RS L0 k=24 (1000 queries, 2 restarts)"),
+        ("sparse-rs-patch:eps=8,n_queries=3000", "cifar10", "Sparse-RS patch 8×8 (3000 queries)"),
     ],
 )
 def test_labels(text, dataset, label):
@@ -162,6 +183,10 @@ def test_parse_overrides():
         ("square:loss=hinge", "margin or ce"),
         ("fgsm:steps=3", "unknown parameter 'steps'"),
         ("deepfool:overshoot=-1", "overshoot"),
+        ("sparse-rs:eps=2.5", "not a whole number"),
+        ("sparse-rs-patch:eps=1/2", "not a whole number"),
+        ("sparse-rs:norm=L2", "its norm is L0 only"),
+        ("sparse-rs:p_init=0", "p_init"),
     ],
 )
 def test_parse_errors_are_one_line(text, match):
@@ -197,7 +222,7 @@ def test_attack_runs_bounded_effective_deterministic(mnist, text, most):
     assert seen == [40, N_TEST]
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and torch.isfinite(x_adv).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
-    linf, l2 = A.perturbation_norms(x, x_adv)
+    linf, l2, _ = A.perturbation_norms(x, x_adv)
     if not spec.minimal_norm:
         bound = linf if spec.norm == "Linf" else l2
         assert bound.max() <= spec.eps + (1e-6 if spec.norm == "Linf" else 1e-5)
@@ -227,7 +252,7 @@ def test_autoattack_standard_preset(mnist):
     t = time.perf_counter()
     x_adv = A.run_attack(spec, model, x[:16], y[:16], seed=0)
     assert time.perf_counter() - t < 30
-    linf, _ = A.perturbation_norms(x[:16], x_adv)
+    linf = A.perturbation_norms(x[:16], x_adv).linf
     assert linf.max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert A.robust_mask(spec, model, x[:16], x_adv, y[:16]).float().mean() <= 0.1
 
@@ -238,14 +263,14 @@ def test_every_cifar_preset_runs_on_colour_images(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
     small = {"pgd": "steps=2", "pgd100": "steps=2", "pgd-l2": "steps=2", "cw": "steps=3", "deepfool": "steps=3",
-             "mifgsm": "steps=2", "autoattack": "steps=2,n_queries=5", "square": "n_queries=5"}  # fmt: skip
+             "mifgsm": "steps=2", "autoattack": "steps=2,n_queries=5", "square": "n_queries=5",
+             "sparse-rs": "n_queries=5", "sparse-rs-patch": "n_queries=5"}  # fmt: skip
     spec = A.parse_attack(f"{name}:{small[name]}" if name in small else name, "cifar10")
     x, y = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2])
     x_adv = A.run_attack(spec, model, x, y, batch_size=2)
     assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 1
-    linf, l2 = A.perturbation_norms(x, x_adv)
     if not spec.minimal_norm:
-        assert (linf if spec.norm == "Linf" else l2).max() <= spec.eps + 1e-5
+        assert A.budget_norm(spec, x, x_adv).max() <= spec.eps + 1e-5
     A.robust_mask(spec, model, x, x_adv, y)
 
 
@@ -319,9 +344,34 @@ def test_perturbation_norms():
     x = torch.zeros(2, 1, 2, 2)
     x_adv = x.clone()
     x_adv[0, 0, 0, 0], x_adv[0, 0, 1, 1] = 0.3, -0.4
-    linf, l2 = A.perturbation_norms(x, x_adv)
+    linf, l2, l0 = A.perturbation_norms(x, x_adv)
     assert torch.allclose(linf, torch.tensor([0.4, 0.0], dtype=torch.float64))
     assert torch.allclose(l2, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    assert l0.tolist() == [2.0, 0.0] and l0.dtype == torch.float64
+
+
+def test_l0_counts_pixels_not_channels_and_patch_side_is_the_bounding_square():
+    x = torch.full((3, 3, 8, 8), 0.5)
+    x_adv = x.clone()
+    x_adv[0, :, 1, 1] = 1.0  # one pixel, all three channels: L0 1
+    x_adv[0, 2, 6, 2] = 0.0  # one channel of another: L0 2; spans rows 1..6 -> side 6
+    x_adv[1, 0, 3:5, 4:7] = 0.9  # a 2x3 block in one channel: L0 6, side 3
+    x_adv[2] = x[2].double().float() + 1e-8  # float rounding is no change
+    assert A.perturbation_norms(x, x_adv).l0.tolist() == [2.0, 6.0, 0.0]
+    assert A.patch_side(x, x_adv).tolist() == [6.0, 3.0, 0.0]
+    assert A.perturbation_norms(x.double(), x_adv.double() + 3e-8).l0.tolist() == [2.0, 6.0, 0.0]
+    patch = A.parse_attack("sparse-rs-patch:eps=3", "cifar10")
+    l0 = A.parse_attack("sparse-rs:eps=5", "cifar10")
+    assert A.budget_norm(patch, x, x_adv).tolist() == [6.0, 3.0, 0.0]
+
+    def predict(z):
+        return torch.zeros(len(z), 10)
+
+    y = torch.zeros(3, dtype=torch.long)
+    for spec, ok in ((patch, [1, 2]), (l0, [0, 2])):  # within budget: scored; over it: an error
+        assert A.robust_mask(spec, predict, x[ok], x_adv[ok], y[ok]).all()
+        with pytest.raises(A.AttackError, match="exceeds the budget"):
+            A.robust_mask(spec, predict, x, x_adv, y)
 
 
 def test_robust_mask_minimal_norm_rule():

@@ -259,3 +259,24 @@ def test_unreadable_state_is_one_clear_error(finished, tmp_path):
     for t, i, needle in ((missing, info, "tensor 1.0.robust missing"), (doubled, two_clean, "do not fit its key")):
         checkpoint.save(finished, t, i)
         assert "damaged state file" in one_line_error(cli_args(finished), needle)
+
+
+def test_a_state_of_version_1_replays_and_its_runs_report_no_l0(uninterrupted, finished, monkeypatch):
+    """State files made before L0 was kept (version 1: no .l0 vectors, the expensive attacks then
+    known) still replay, without running anything; their runs report no L0. Other versions: one line."""
+    tensors, info = checkpoint.load(finished)
+    assert info["state_version"] == evaluate.STATE_VERSION == 2
+    assert info["options"]["expensive_attacks"] == ["autoattack", "square"]  # as states made before Sparse-RS
+    old = {k: v for k, v in tensors.items() if not k.endswith(".l0")}
+    assert len(old) == len(tensors) - 2 * 3  # per attack, L0 of 3 scorings: oblivious on both defenses, bpda
+    checkpoint.save(finished, old, {**info, "state_version": 1})
+    calls = count_calls(monkeypatch)
+    doc = evaluate.run(config(), state_path=str(finished), quiet=True).to_json()
+    assert calls == {"run_attack": 0, "robust_mask": 0}
+    assert all(r["mean_l0"] is None for r in doc["records"])
+    expected = without_seconds(uninterrupted[0])
+    expected["records"] = [{**r, "mean_l0": None} for r in expected["records"]]
+    assert without_seconds(doc) == expected
+    assert all(r["mean_l0"] > 0 for r in uninterrupted[0]["records"])
+    checkpoint.save(finished, old, {**info, "state_version": 3})
+    assert "this pssr reads 1 or 2" in one_line_error(cli_args(finished), "state version 3")
