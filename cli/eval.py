@@ -21,7 +21,9 @@ from pssr.defenses import DefenseError
 @click.option("--data-root", type=click.Path(), envvar="PSSR_DATA_ROOT",
               help="Folder holding the data sets (also $PSSR_DATA_ROOT); a relative folder:PATH is under it.")
 @click.option("--defense", "defenses", multiple=True, metavar="SPEC",
-              help="Defense, e.g. jpeg:quality=50, pssr or pssr:path=FILE (repeatable). Default: "
+              help="Defense, e.g. jpeg:quality=50, pssr or pssr:path=FILE, or randomized ablation's vote "
+                   "ablation:keep=45,n=100 (for a classifier trained with the ablation: key; also attack_n=, "
+                   "cert=, alpha=, score=all) (repeatable). Default: "
                    + ", ".join(evaluate.DEFAULT_DEFENSES) + " (pssr where a shipped purifier fits the classifier).")
 @click.option("--attack", "attacks", multiple=True, metavar="SPEC",
               help="Attack, e.g. pgd or pgd:eps=0.1,steps=10 (repeatable). Default: the data set's presets. "
@@ -82,7 +84,7 @@ def eval_command(classifier_path, dataset, data_root, defenses, attacks, threats
       soft-mask  PSSR only, gradient-based attacks: the surgery's threshold
                  relaxed to a sigmoid, differentiated through the saliency
                  gradient itself (full adaptive; on the first M images);
-      eot        randomized defenses only (tvm), gradient-based attacks only:
+      eot        randomized defenses only (tvm, ablation), gradient-based attacks only:
                  gradients averaged over --eot draws of the defense.
     Per defense, the worst case counts an image as robust only if it is correct
     clean and survives every attack under every threat model.

@@ -23,7 +23,13 @@ from pssr.data import DataError, short_name
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or epoch lines (the JSONL log is still written).")
 def train_classifier_command(config_source, overrides, out_dir, data_root, resume, device, quiet):
     """Train a classifier of the zoo from CONFIG: a preset (mnist, cifar10, mnist-robust,
-    cifar10-robust) or a YAML file.
+    cifar10-robust, mnist-ablation, cifar10-ablation) or a YAML file.
+
+    \b
+    Randomized ablation (Levine and Feizi): the ablation: block, e.g.
+    --set ablation.keep=45 (off: 0), trains the base classifier of the
+    `pssr eval --defense ablation` vote on images of which only keep random
+    pixels survive (the -ablation presets: 45 on MNIST, 75 on CIFAR-10).
 
     \b
     Adversarial training: the adversarial: block (off in mnist and cifar10;

@@ -160,6 +160,9 @@ class ClassifierSpec:
     classes: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)  # e.g. test accuracy, training command
     arch_kwargs: dict = field(default_factory=dict)  # keyword arguments of the architecture's factory
+    # randomized ablation's base classifier (pssr/ablation.py): {"keep": K, "encoding": "complement-pair"};
+    # it takes in_channels-channel images or their 2·in_channels-channel encoding. {}: an ordinary classifier.
+    ablation: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES and not is_user_arch(self.arch):
@@ -169,10 +172,18 @@ class ClassifierSpec:
             raise ValueError("mean and std need one value per input channel")
         if not isinstance(self.arch_kwargs, dict):
             raise ValueError("arch_kwargs must be a mapping of keyword arguments")
+        if self.ablation:
+            from .ablation import check_record
+
+            check_record(self.ablation, self.arch, self.image_size)
 
 
 def build(spec: ClassifierSpec) -> Classifier | ModuleClassifier:
     """A fresh classifier of ``spec`` (a user architecture's module is imported here)."""
+    if spec.ablation:
+        from .ablation import build_classifier
+
+        return build_classifier(spec)
     normalize = Normalize(spec.mean, spec.std)
     if is_user_arch(spec.arch):
         module = make_module(spec.arch, spec.arch_kwargs)
@@ -217,6 +228,8 @@ def save(path, model: Classifier, spec: ClassifierSpec) -> None:
     doc = dataclasses.asdict(spec)
     if not doc["arch_kwargs"]:
         del doc["arch_kwargs"]  # the zoo's checkpoints keep the format older pssr versions read
+    if not doc["ablation"]:
+        del doc["ablation"]  # likewise; an ablation classifier is refused by a pssr that cannot build it
     info = {"kind": KIND, "spec": doc, "sha256": checkpoint.weights_sha256(state)}
     checkpoint.save(path, state, info)
 
@@ -260,7 +273,8 @@ def spec_from_metadata(raw) -> ClassifierSpec:
             checkpoint.integer(value, f"{arch} {key}", *allowed[key])
     return ClassifierSpec(arch, num_classes, channels, size, stats["mean"], stats["std"],
                           checkpoint.text(raw.get("dataset", ""), "dataset"), tuple(classes),
-                          dict(checkpoint.mapping(raw.get("extra", {}), "extra")), dict(kwargs))
+                          dict(checkpoint.mapping(raw.get("extra", {}), "extra")), dict(kwargs),
+                          dict(checkpoint.mapping(raw.get("ablation", {}), "ablation")))
 
 
 def read(path) -> tuple[dict[str, torch.Tensor], ClassifierSpec]:

@@ -8,6 +8,9 @@ the defended model, with the backward rule chosen explicitly.
 
 Baselines (DESIGN.md §6) are IBM ART's preprocessors: JPEG compression, feature squeezing
 (bit depth, 1-bit included), spatial (median) smoothing and total-variation minimisation.
+Randomized ablation (`ablation`, pssr/ablation.py) is no preprocessor: it classifies by a vote of
+its own base classifier, so a defense may override `classify` (what is evaluated) and
+`attack_logits` (what an attacker differentiates or queries) instead of `purify`.
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ class Defense:
         if self.differentiable:
             return self.purify(x)
         return straight_through(x, self.purify)
+
+    def classify(self, classifier: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The defended classifier's scores as evaluated (argmax: its prediction): classifier(purify(x)).
+        A defense that is no preprocessor overrides it (randomized ablation: its vote)."""
+        return classifier(self.purify(x))
+
+    def attack_logits(self, classifier: nn.Module, x: torch.Tensor, gradient: str = "bpda") -> torch.Tensor:
+        """The logits an attacker differentiates (or queries): classifier(forward_for_attack(x))."""
+        return classifier(self.forward_for_attack(x, gradient))
 
     def describe(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in self.params.items())
@@ -154,6 +166,7 @@ class TotalVariation(ArtPreprocessor):
 DEFENSES: dict[str, type[Defense] | str] = {
     "none": Defense, "jpeg": Jpeg, "bit-depth": BitDepth, "median": Median, "tvm": TotalVariation,
     "pssr": "pssr.purifier:PssrDefense",  # imported when first used (it imports this module)
+    "ablation": "pssr.ablation:AblationDefense",  # randomized ablation (Levine and Feizi): the L0 baseline
 }
 
 
@@ -207,5 +220,5 @@ class DefendedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         draws = self.eot if self.defense.randomized else 1
-        logits = [self.classifier(self.defense.forward_for_attack(x, self.gradient)) for _ in range(draws)]
+        logits = [self.defense.attack_logits(self.classifier, x, self.gradient) for _ in range(draws)]
         return torch.stack(logits).mean(0) if draws > 1 else logits[0]

@@ -25,6 +25,12 @@ Recipe (DESIGN.md §2.3, §5, §6, §8, §9 "Evaluation"):
 4. Per defense, the per-example worst case: an image counts as robust only if it is classified
    correctly clean and survives every attack under every threat model that ran on it.
 
+Randomized ablation (``ablation:keep=K,n=N``, pssr/ablation.py) classifies by its vote
+(``Defense.classify``; the attacker differentiates its soft vote, ``Defense.attack_logits``), and its
+clean pass also certifies each image: the certified L0 radius (-1 for a wrong vote) is kept with the
+clean scoring and reported beside the accuracies. A classifier trained for it (its checkpoint's
+``ablation`` record) is evaluated behind that defense only.
+
 An image counts as robust in a row when the defended classifier gets it right clean *and*
 ``attacks.robust_mask`` says it survived (for minimal-norm attacks, CW and DeepFool, that rule also
 accepts a perturbation larger than the preset's ε). So every row's robust accuracy is at most the
@@ -136,6 +142,10 @@ class Clean:
     defense: str
     n: int
     accuracy: float
+    # a certifying defense (randomized ablation): per example its certified L0 radius (-1: a wrong
+    # prediction), and their (lower) median; None for the others
+    certified_l0: list[int] | None = None
+    certified_l0_median: int | None = None
 
 
 @dataclass
@@ -191,6 +201,7 @@ class Scored:
     l2: torch.Tensor | None = None
     seconds: float = 0.0
     l0: torch.Tensor | None = None  # float64 changed pixels; None for a clean pass or a unit of state version 1
+    radius: torch.Tensor | None = None  # int64 certified L0 radius (clean pass of a certifying defense)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +392,7 @@ class State:
             units.append({"key": list(key), "entries": [
                 {"defense": s.defense, "threat": s.threat, "seconds": s.seconds} for s in scored]})
             for e, s in enumerate(scored):
-                for name in ("robust", "linf", "l2", "l0"):
+                for name in ("robust", "linf", "l2", "l0", "radius"):
                     if getattr(s, name) is not None:
                         tensors[f"{u}.{e}.{name}"] = getattr(s, name)
         info = {"kind": STATE_KIND, "state_version": STATE_VERSION, "options": self.options, "units": units}
@@ -431,6 +442,7 @@ class State:
         robust = tensors[f"{u}.{e}.robust"]
         norms = [tensors.get(f"{u}.{e}.{name}") for name in ("linf", "l2")]
         l0 = tensors.get(f"{u}.{e}.l0")  # absent in version 1
+        radius = tensors.get(f"{u}.{e}.radius")  # a certifying defense's clean pass only
         n = len(robust) if robust.dim() == 1 else -1
         if entry["defense"] not in self.options["defenses"] or entry["threat"] not in (*THREATS, "clean"):
             raise ValueError(f"unit {u}: unknown defense or threat")
@@ -440,7 +452,10 @@ class State:
                 t is not None and (t.dtype != torch.float64 or t.shape != (n,)) for t in [*norms, l0]) or (
                 l0 is not None and norms[0] is None):
             raise ValueError(f"unit {u}: bad norm vectors")
-        return Scored(entry["defense"], entry["threat"], robust, *norms, seconds=float(entry["seconds"]), l0=l0)
+        if radius is not None and (entry["threat"] != "clean" or radius.dtype != torch.int64 or radius.shape != (n,)):
+            raise ValueError(f"unit {u}: bad radius vector")
+        return Scored(entry["defense"], entry["threat"], robust, *norms, seconds=float(entry["seconds"]), l0=l0,
+                      radius=radius)
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,7 +467,7 @@ def _predictor(classifier, defense: Defense, seed: int, batch_size: int) -> Call
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), seeded(seed):
-            return torch.cat([classifier(defense.purify(b)) for b in images.split(batch_size)])
+            return torch.cat([defense.classify(classifier, b) for b in images.split(batch_size)])
 
     return predict
 
@@ -515,14 +530,24 @@ class _Evaluation:
         ok = s.robust
         self.clean_ok[d.name], self.alive[d.name] = ok, ok.clone()
         self.worst_n[d.name], self.runs[d.name] = len(ok), 0
-        return Clean(d.name, len(ok), ok.float().mean().item())
+        if s.radius is None:
+            return Clean(d.name, len(ok), ok.float().mean().item())
+        from pssr.ablation import median_radius
+
+        return Clean(d.name, len(ok), ok.float().mean().item(), s.radius.tolist(), median_radius(s.radius))
 
     def _clean_pass(self, d: _Defense) -> Scored:
         n = self.size(d)
         self.bar.set_description_str(f"clean {d.name}")
-        ok = self.predict[d.name](self.x[:n]).argmax(1) == self.y[:n]
+        pred = self.predict[d.name](self.x[:n]).argmax(1)
+        ok = pred == self.y[:n]
+        radius = None
+        if hasattr(d.defense, "certify"):  # randomized ablation: its certified L0 radius, seeded like a run
+            with torch.no_grad(), seeded(run_seed(self.config.seed, d.name, "certify")):
+                radius = d.defense.certify(self.classifier, self.x[:n], pred, batch_size=self.config.batch_size)
+            radius = None if radius is None else torch.where(ok.cpu(), radius, -1)
         self.bar.update()
-        return Scored(d.name, "clean", ok)
+        return Scored(d.name, "clean", ok, radius=radius)
 
     def unit(self, a: _Attack, defense: str, threat: str, steps: int, compute: Callable[[], list[Scored]]) -> None:
         """Run (or replay) one attack run with its scorings and record them."""
@@ -652,6 +677,13 @@ def run(config: Config, *, json_path: str | None = None, markdown_path: str | No
         raise EvalError(f"{config.classifier}: the checkpoint names no data set; pass --dataset")
     preset_dataset = dataset_key(spec.dataset or dataset)
     defenses = _parse_defenses(config.defenses)
+    if spec.ablation:  # randomized ablation's base classifier: its vote is its only defense
+        if config.defenses == DEFAULT_DEFENSES:
+            defenses = _parse_defenses(("ablation",))
+        others = [d.name for d in defenses if not getattr(d.defense, "takes_ablation_classifier", False)]
+        if others:
+            raise EvalError(f"{config.classifier}: a randomized-ablation classifier (keep={spec.ablation['keep']}) "
+                            f"is evaluated behind --defense ablation (e.g. ablation:n=100) only, not {others[0]}")
     atts = _parse_attacks(config.attacks, preset_dataset)
     data = load_dataset(dataset, _data_root(config), "test")
     _check_compatible(spec, data, config.classifier)

@@ -38,16 +38,26 @@ def _num(value: float) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
 
+# The expensive sparse attacks, named in the header when they ran (on the first M images).
+_SPARSE_NAMES = (("sparse-rs", "Sparse-RS"), ("onepixel", "OnePixel"), ("one-pixel", "OnePixel"), ("pixle", "Pixle"),
+                 ("jsma", "JSMA"), ("sparsefool", "SparseFool"), ("sparse-fool", "SparseFool"),
+                 ("adversarial-patch", "AdversarialPatch"), ("art-patch", "AdversarialPatch"),
+                 ("universal-patch", "AdversarialPatch"))
+
+
 def _header(doc: dict) -> list[str]:
     c, k = doc["config"], doc["classifier"]
     n, m = c.get("n"), c.get("n_expensive")
     threats = {"eot": "EOT", "soft-mask": "soft-mask"}
-    sparse = ["Sparse-RS"] if any(str(a).startswith("sparse-rs") for a in c.get("attacks", [])) else []
+    sparse = list(dict.fromkeys(label for prefix, label in _SPARSE_NAMES
+                                if any(str(a).lower().startswith(prefix) for a in c.get("attacks", []))))
     expensive = ", ".join(["AutoAttack", "Square", *sparse, *(threats[t] for t in c.get("expensive_threats", ["eot"])),
                            *c.get("expensive_defenses", [])])
     return [
         f"pssr eval · {k.get('arch')} classifier {k.get('path')} (weights sha256 {str(k.get('sha256'))[:12]})",
-        f"classifier: {training_label(k.get('extra') or {})}",
+        f"classifier: {training_label(k.get('extra') or {})}" + (
+            f"; randomized-ablation base classifier (trained on {k['ablation'].get('keep')} kept pixels per image)"
+            if isinstance(k.get("ablation"), dict) and k["ablation"] else ""),
         f"data: {c.get('dataset')} test, first {n} images ({expensive}: first {m}) · seed {doc['seed']} · "
         f"torch {c.get('torch')}, {c.get('threads')} thread(s)",
     ]
@@ -106,7 +116,26 @@ def _notes(doc: dict) -> list[str]:
         "'-' for runs resumed from a --state file older than L0).",
         "worst case: an image counts only if it is correct clean and survives every attack under every threat "
         "model that ran on it; over the first n images, which all of that defense's runs saw.",
-    ] + chance_warnings(doc) + eps_warnings(doc)
+    ] + certificate_notes(doc) + chance_warnings(doc) + eps_warnings(doc)
+
+
+CERTIFIED_AT = (1, 5, 10, 20)  # radii (changed pixels) at which the notes give certified accuracy
+
+
+def certificate_notes(result) -> list[str]:
+    """Per certifying defense (randomized ablation), its certified L0 radius beside the accuracies."""
+    doc = _doc(result)
+    out = []
+    for c in doc["clean"]:
+        radii = c.get("certified_l0")
+        if not radii:
+            continue
+        at = ", ".join(f"ρ ≥ {r}: {_pct(sum(v >= r for v in radii) / len(radii))}" for r in CERTIFIED_AT)
+        out.append(f"{c['defense']}: certified L0 radius (Levine and Feizi 2020: changed pixels, any channels, that "
+                   f"provably cannot change its vote at confidence 1 - alpha; -1 = a wrong vote; its attacks differentiate "
+                   f"or query the soft vote over attack_n draws) median "
+                   f"{c.get('certified_l0_median')} on {len(radii)} images; certified accuracy at {at}")
+    return out
 
 
 NEAR_CHANCE = 1.5  # clean accuracy at most this many times chance (1 / classes) gets a warning
@@ -234,6 +263,9 @@ def summary_rows(result) -> tuple[tuple, list[tuple]]:
         cells.setdefault((r["defense"], r["attack_label"]), []).append(r)
     n = doc["clean"][0]["n"]  # the evaluation's image count; cells on fewer images say so
     rows = [("clean", *(_pct(c["accuracy"]) + (f" (n={c['n']})" if c["n"] != n else "") for c in doc["clean"]))]
+    if any(c.get("certified_l0") for c in doc["clean"]):  # randomized ablation: its certificate beside its accuracy
+        rows.append(("certified L0 radius, median (pixels)", *(
+            str(c["certified_l0_median"]) if c.get("certified_l0") else "–" for c in doc["clean"])))
     closing = {}  # last attack of a group -> the group's worst-case row
     if len(groups) > 1:
         for norm, labels in groups:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import adversarial, checkpoint, classifiers, config
+from . import ablation, adversarial, checkpoint, classifiers, config
 from .data import ImageDataset, load_dataset
 from .training import distributed_cleanup  # noqa: F401  (cli/train_classifier.py's name for it)
 from .training import (Cadence, Logger, Steps, TrainError, Watch, batch_at, init_distributed, loop, lr_at, open_run,
@@ -37,6 +37,7 @@ from .training import state_tensors as _state_tensors
 STATE_KIND = "classifier-training-state"
 # seed streams: the numbers that name each kind of random draw (never renumbered: runs stay reproducible)
 AUGMENT, ATTACK, WATCH, HOLD_BACK = 1, 2, 7, 424_242
+ABLATE = 3  # randomized ablation's kept pixels (the ablation: block; pssr/ablation.py)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ClassifierConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adversarial: adversarial.AdversarialConfig = field(default_factory=adversarial.AdversarialConfig)
+    ablation: ablation.AblationConfig = field(default_factory=ablation.AblationConfig)  # randomized ablation; off
 
 
 RUN_CONTROLS = ("stop_after_steps",)  # train keys a resume may change
@@ -160,7 +162,7 @@ def _build_spec(cfg: ClassifierConfig, train: ImageDataset) -> classifiers.Class
     mean, std = channel_stats(train)
     kwargs = {"width": cfg.model.width} if cfg.model.width is not None else {}
     return classifiers.ClassifierSpec(cfg.model.arch, train.num_classes, C, H, mean, std, train.name, train.classes,
-                                      arch_kwargs=kwargs)
+                                      arch_kwargs=kwargs, ablation=ablation.spec_record(cfg, train))
 
 
 def load_data(cfg: ClassifierConfig, data_root) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
@@ -215,6 +217,7 @@ class _Run(Steps):
         epoch, b, idx = batch_at(step, self.cadence.steps_per_epoch, len(self.train), tc.batch_size, tc.seed)
         x = augment(self.train.images[idx].float().div_(255), tc.augment, _generator(tc.seed, epoch, b, AUGMENT))
         x = x[dd.rank :: dd.world].to(dd.device).contiguous(memory_format=torch.channels_last)
+        x = ablation.train_input(self.cfg.ablation, x, _generator(tc.seed, epoch, b, dd.rank, ABLATE))  # off: x
         y = self.train.labels[idx][dd.rank :: dd.world].to(dd.device)
         eps = adversarial.eps_at(ac, step, self.cadence.steps_per_epoch)
         x_adv = None
