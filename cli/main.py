@@ -25,7 +25,7 @@ COMMANDS = {
               "mnist-adaptive) or a YAML file."),
     "train-classifier": ("pssr_cli.train_classifier:train_classifier_command",
                          "Train a classifier of the zoo from CONFIG: a preset (mnist, cifar10, mnist-robust, "
-                         "cifar10-robust) or a YAML file."),
+                         "cifar10-robust, mnist-ablation, cifar10-ablation) or a YAML file."),
 }
 
 
