@@ -43,7 +43,7 @@ from .training import seeded_generator as _generator
 from .training import state_tensors as _state_tensors
 
 STATE_KIND = "purifier-training-state"
-TRAINING_ATTACKS = ("pgd", "pgd100", "pgd-l2")
+TRAINING_ATTACKS = tuple(a for a in attacks.ATTACKS if a in attacks.TRAINABLE_ATTACKS)  # the registry's trainable rows
 RUN_CONTROLS = ("stop_after_steps", "eval_every", "log_every")  # train keys a resume may change
 
 

@@ -73,7 +73,7 @@ def test_presets_follow_design_section_5():
     m = {n: A.preset(n, "mnist") for n in A.ATTACKS}
     c = {n: A.preset(n, "cifar10") for n in A.ATTACKS}
     assert set(A.ATTACKS) == {"fgsm", "pgd", "pgd100", "pgd-l2", "cw", "deepfool", "mifgsm", "autoattack", "square",
-                              "sparse-rs", "sparse-rs-patch"}
+                              "sparse-rs", "sparse-rs-patch", "onepixel", "pixle", "jsma", "sparsefool", "adversarial-patch"}
     assert m["pgd"].kwargs == {"eps": 0.3, "alpha": 0.01, "steps": 40, "random_start": True}
     assert c["pgd"].kwargs == {"eps": 8 / 255, "alpha": 2 / 255, "steps": 20, "random_start": True}
     assert c["pgd100"].kwargs["steps"] == 100 and c["pgd100"].eps == 8 / 255
@@ -85,9 +85,10 @@ def test_presets_follow_design_section_5():
     for specs in (m, c):
         for name, s in specs.items():
             assert s.name == name and s.params == tuple(sorted(s.params)) and hash(s) == hash(A.preset(name, "mnist" if specs is m else "cifar10"))
-            assert s.minimal_norm == (name in ("cw", "deepfool"))
-            assert s.gradient_free == (name in ("square", "sparse-rs", "sparse-rs-patch"))
-            norms = {"cw": "L2", "deepfool": "L2", "pgd-l2": "L2", "sparse-rs": "L0", "sparse-rs-patch": "patch"}
+            assert s.minimal_norm == (name in ("cw", "deepfool", "pixle", "jsma", "sparsefool"))
+            assert s.gradient_free == (name in ("square", "sparse-rs", "sparse-rs-patch", "onepixel", "pixle"))
+            norms = {"cw": "L2", "deepfool": "L2", "pgd-l2": "L2", "sparse-rs": "L0", "sparse-rs-patch": "patch",
+                     "onepixel": "L0", "pixle": "L0", "jsma": "L0", "sparsefool": "L0", "adversarial-patch": "patch"}
             assert s.norm == norms.get(name, "Linf")
             assert ("eps" in s.kwargs) != s.minimal_norm  # eps is a torchattacks kwarg only when it bounds the attack
     assert A.preset("pgd", "cifar100") == A.preset("pgd", "svhn") == c["pgd"]
@@ -102,14 +103,16 @@ def test_presets_follow_design_section_5():
         assert specs["sparse-rs-patch"].kwargs["p_init"] == 0.4 and specs["sparse-rs-patch"].kwargs["n_queries"] >= 1000
     assert A.sparse_attacks("mnist") == ["sparse-rs", "sparse-rs:eps=24", "sparse-rs-patch"]
     assert A.sparse_attacks("cifar10") == [*A.sparse_attacks("mnist"), "sparse-rs-patch:eps=8"]
-    assert A.EXPENSIVE_ATTACKS == {"autoattack", "square", "sparse-rs", "sparse-rs-patch"}
+    assert A.EXPENSIVE_ATTACKS == {"autoattack", "square", "sparse-rs", "sparse-rs-patch", "onepixel", "pixle", "jsma",
+                                   "sparsefool", "adversarial-patch"}
 
 
 def test_trainable_rows_are_the_purifier_trainers_attacks():
     from pssr import train_purifier
 
     assert A.TRAINABLE_ATTACKS == set(train_purifier.TRAINING_ATTACKS)
-    assert not A.TRAINABLE_ATTACKS & {"sparse-rs", "sparse-rs-patch", "square"}
+    assert not A.TRAINABLE_ATTACKS & {"sparse-rs", "sparse-rs-patch", "square", "onepixel", "pixle", "jsma", "sparsefool",
+                                      "adversarial-patch"}
 
 
 @pytest.mark.parametrize(
@@ -264,7 +267,14 @@ def test_every_cifar_preset_runs_on_colour_images(name):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
     small = {"pgd": "steps=2", "pgd100": "steps=2", "pgd-l2": "steps=2", "cw": "steps=3", "deepfool": "steps=3",
              "mifgsm": "steps=2", "autoattack": "steps=2,n_queries=5", "square": "n_queries=5",
-             "sparse-rs": "n_queries=5", "sparse-rs-patch": "n_queries=5"}  # fmt: skip
+             "sparse-rs": "n_queries=5", "sparse-rs-patch": "n_queries=5", "onepixel": "steps=2,popsize=10",
+             "pixle": "restarts=2,max_iterations=2", "jsma": "gamma=0.01", "sparsefool": "steps=1",
+             "adversarial-patch": "max_iter=2"}  # fmt: skip
+    if name == "adversarial-patch":
+        try:
+            import torchvision  # noqa: F401  (ART's AdversarialPatchPyTorch needs it; pssr does not install it)
+        except Exception:
+            pytest.skip("no usable torchvision (tests/test_library_sparse.py tests the one-line refusal)")
     spec = A.parse_attack(f"{name}:{small[name]}" if name in small else name, "cifar10")
     x, y = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2])
     x_adv = A.run_attack(spec, model, x, y, batch_size=2)

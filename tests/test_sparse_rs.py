@@ -17,7 +17,7 @@ from torch import nn
 from pssr import attacks as A
 from pssr import classifiers
 from pssr.data import DataError, load_dataset
-from pssr.sparse_rs import FOOLED, SparseRS
+from pssr.attacks.sparse_rs import FOOLED, SparseRS
 from pssr_cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
